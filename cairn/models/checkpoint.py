@@ -1,0 +1,198 @@
+"""Hugging Face checkpoint layout: safetensors weights (single or sharded), key mapping to cairn's fused modules.
+
+Two pure steps, each way: HF names <-> cairn names (fuse/unfuse q,k,v and gate,up), then tensors <-> modules.
+Only safetensors are read; a missing, truncated or corrupt file is named with the tensor that needed it."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from cairn.config import ModelConfig
+from cairn.errors import ModelLoadError
+from cairn.models.llama import TORCH_DTYPES, LlamaStage
+from cairn.types import LayerRange
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
+
+
+def weight_map(model_dir: Path) -> dict[str, str]:
+    """HF tensor name -> file name holding it."""
+    index = model_dir / INDEX_FILE
+    if index.is_file():
+        try:
+            return dict(json.loads(index.read_text())["weight_map"])
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ModelLoadError(f"{index} is not a valid safetensors index ({e})") from None
+    single = model_dir / SINGLE_FILE
+    if not single.is_file():
+        if any(model_dir.glob("*.bin")) or any(model_dir.glob("*.pt")):
+            raise ModelLoadError(f"{model_dir} holds only pickle weights (.bin/.pt); cairn loads safetensors only")
+        raise ModelLoadError(f"{single} is missing (and there is no {INDEX_FILE})")
+    with _open(single) as f:
+        return {k: SINGLE_FILE for k in f.keys()}
+
+
+def _open(path: Path):
+    if not path.is_file():
+        raise ModelLoadError(f"weight file {path} is missing")
+    try:
+        return safe_open(str(path), framework="pt")
+    except SafetensorError as e:
+        raise ModelLoadError(f"weight file {path} is corrupt or truncated: {e}") from None
+
+
+def _hf_names(cfg: ModelConfig, layers: LayerRange, first: bool, last: bool) -> dict[str, list[str]]:
+    """cairn stage tensor name -> the HF tensor names concatenated (dim 0) to make it."""
+    out: dict[str, list[str]] = {}
+    if first:
+        out["embed_tokens.weight"] = ["model.embed_tokens.weight"]
+    for i in layers:
+        j, p = i - layers.start, f"model.layers.{i}."
+        out[f"layers.{j}.input_layernorm.weight"] = [p + "input_layernorm.weight"]
+        out[f"layers.{j}.post_attention_layernorm.weight"] = [p + "post_attention_layernorm.weight"]
+        out[f"layers.{j}.self_attn.qkv_proj.weight"] = [p + f"self_attn.{n}_proj.weight" for n in "qkv"]
+        out[f"layers.{j}.self_attn.o_proj.weight"] = [p + "self_attn.o_proj.weight"]
+        out[f"layers.{j}.mlp.gate_up_proj.weight"] = [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]
+        out[f"layers.{j}.mlp.down_proj.weight"] = [p + "mlp.down_proj.weight"]
+        if cfg.qkv_bias:
+            out[f"layers.{j}.self_attn.qkv_proj.bias"] = [p + f"self_attn.{n}_proj.bias" for n in "qkv"]
+        if cfg.o_bias:
+            out[f"layers.{j}.self_attn.o_proj.bias"] = [p + "self_attn.o_proj.bias"]
+        if cfg.mlp_bias:
+            out[f"layers.{j}.mlp.gate_up_proj.bias"] = [p + "mlp.gate_proj.bias", p + "mlp.up_proj.bias"]
+            out[f"layers.{j}.mlp.down_proj.bias"] = [p + "mlp.down_proj.bias"]
+    if last:
+        out["norm.weight"] = ["model.norm.weight"]
+        tied = cfg.tie_word_embeddings
+        if not (tied and first):
+            out["lm_head.weight"] = ["model.embed_tokens.weight" if tied else "lm_head.weight"]
+    return out
+
+
+def load_stage(
+    model_dir: str | Path,
+    cfg: ModelConfig,
+    layers: LayerRange | None = None,
+    *,
+    dtype: str | None = None,
+    device: str | torch.device = "cpu",
+) -> LlamaStage:
+    """Build the stage for `layers` (whole model by default) with only its tensors read from disk."""
+    model_dir = Path(model_dir)
+    layers = layers or LayerRange(0, cfg.num_layers)
+    torch_dtype = TORCH_DTYPES[dtype or cfg.dtype]
+    with torch.device("meta"):
+        stage = LlamaStage(cfg, layers)
+    expected = {k: tuple(v.shape) for k, v in stage.state_dict().items()}
+    files = weight_map(model_dir)
+    handles: dict[str, object] = {}
+    state: dict[str, torch.Tensor] = {}
+    try:
+        for name, sources in _hf_names(cfg, layers, stage.is_first, stage.is_last).items():
+            parts = []
+            for src in sources:
+                if src not in files:
+                    raise ModelLoadError(f"tensor {src!r} is missing from the checkpoint in {model_dir}")
+                fname = files[src]
+                if fname not in handles:
+                    handles[fname] = _open(model_dir / fname).__enter__()
+                try:
+                    parts.append(handles[fname].get_tensor(src))
+                except (SafetensorError, KeyError) as e:
+                    raise ModelLoadError(f"tensor {src!r} in {model_dir / fname} cannot be read: {e}") from None
+            t = parts[0] if len(parts) == 1 else torch.cat(parts, 0)
+            if tuple(t.shape) != expected[name]:
+                raise ModelLoadError(
+                    f"tensor {sources[0]!r} has shape {tuple(parts[0].shape)}, which does not match config.json "
+                    f"(fused {name} expects {expected[name]})"
+                )
+            state[name] = t.to(device=device, dtype=torch_dtype)
+    finally:
+        for h in handles.values():
+            h.__exit__(None, None, None)
+    stage.load_state_dict(state, strict=False, assign=True)
+    stage.tie_weights()
+    missing = [n for n, p in stage.named_parameters() if p.is_meta]
+    if missing:
+        raise ModelLoadError(f"checkpoint in {model_dir} gave no value for {missing[:3]}")
+    return stage.eval().requires_grad_(False)
+
+
+def to_hf_state_dict(stage: LlamaStage) -> dict[str, torch.Tensor]:
+    """cairn stage tensors -> HF names (split fused tensors). Layer numbers are the model's, not the stage's."""
+    cfg, r = stage.cfg, stage.range
+    sd = stage.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    for name, sources in _hf_names(cfg, r, stage.is_first, stage.is_last).items():
+        if name == "lm_head.weight" and sources == ["model.embed_tokens.weight"]:
+            continue  # tied: the head is the embedding
+        t = sd[name]
+        if len(sources) == 1:
+            out[sources[0]] = t
+            continue
+        sizes = [cfg.q_size, cfg.kv_size, cfg.kv_size] if "qkv" in name else [cfg.intermediate_size] * 2
+        for src, part in zip(sources, t.split(sizes, 0)):
+            out[src] = part
+    if cfg.tie_word_embeddings:
+        out.pop("lm_head.weight", None)
+    return out
+
+
+def save_checkpoint(
+    stage: LlamaStage, out_dir: str | Path, *, max_shard_bytes: int = 2 * 1024**3, metadata: dict | None = None
+) -> None:
+    """Write a whole-model stage as an HF checkpoint (config.json + safetensors, sharded above max_shard_bytes).
+
+    Each file is written under a temporary name and renamed, so a crash never leaves a half-written file."""
+    if not (stage.is_first and stage.is_last):
+        raise ValueError("save_checkpoint needs the whole model, not a partial stage")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in to_hf_state_dict(stage).items()}
+    dtype = {v: k for k, v in TORCH_DTYPES.items()}[stage.embed_tokens.weight.dtype]
+    cfg = stage.cfg.with_dtype(dtype)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    meta = {"format": "pt", **{k: str(v) for k, v in (metadata or {}).items()}}
+    stale = [out_dir / SINGLE_FILE, out_dir / INDEX_FILE, *out_dir.glob("model-*-of-*.safetensors")]
+    names = [SINGLE_FILE] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
+    ]
+    for p in stale:
+        if p.name not in names:
+            p.unlink(missing_ok=True)
+    for fname, shard in zip(names, shards):
+        _atomic(out_dir / fname, lambda tmp, shard=shard: save_file(shard, tmp, metadata=meta))
+    if len(shards) > 1:
+        index = {
+            "metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+            "weight_map": {n: f for f, s in zip(names, shards) for n in s},
+        }
+        _atomic(out_dir / INDEX_FILE, lambda tmp: Path(tmp).write_text(json.dumps(index, indent=2)))
+    write_json(out_dir / "config.json", cfg.to_hf_dict())
+
+
+def write_json(path: Path, obj: dict) -> None:
+    _atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n"))
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(str(tmp))
+    os.replace(tmp, path)
