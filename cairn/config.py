@@ -259,8 +259,8 @@ def rope_inv_freq(cfg: ModelConfig) -> list[float]:
 class SamplingParams:
     """How one request picks its tokens and when it stops."""
 
-    max_tokens: int = 128
-    """Most tokens to generate."""
+    max_tokens: int | None = 128
+    """Most tokens to generate; None fills the context."""
     temperature: float = 1.0
     """0 means greedy."""
     top_p: float = 1.0
@@ -288,7 +288,7 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         checks = [
-            (self.max_tokens >= 1, "max_tokens", "must be at least 1"),
+            (self.max_tokens is None or self.max_tokens >= 1, "max_tokens", "must be at least 1"),
             (self.temperature >= 0 and math.isfinite(self.temperature), "temperature", "must be >= 0"),
             (0 < self.top_p <= 1, "top_p", "must be in (0, 1]"),
             (self.top_k >= 0, "top_k", "must be >= 0 (0 disables it)"),

@@ -1,0 +1,240 @@
+"""The Python API: load a model directory once, submit many requests from any thread, stream tokens back.
+
+    llm = LLM("path/to/model")
+    for event in llm.submit("Once upon a time", SamplingParams(max_tokens=32)):
+        print(event.text, end="")
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from cairn.config import EngineConfig, ModelConfig, SamplingParams
+from cairn.engine.engine import Completion, Engine, Event, QueueFullError
+from cairn.engine.runner import LocalRunner, Runner
+from cairn.errors import EngineClosedError, UserError
+from cairn.models.checkpoint import load_stage
+from cairn.models.tokenizer import Tokenizer
+
+__all__ = ["LLM", "RequestHandle", "QueueFullError", "load_generation_eos"]
+
+
+class RequestHandle:
+    """One submitted request: iterate for events (blocking), `async for` in an event loop, or `result()`."""
+
+    def __init__(self, llm: "LLM", prompt_tokens: int):
+        self.llm = llm
+        self.id = ""
+        self.prompt_tokens = prompt_tokens
+        self._q: queue.Queue[Event] = queue.Queue()
+        self._aq: asyncio.Queue[Event] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock = threading.Lock()
+        self.done = False
+        self.started = time.perf_counter()
+
+    def _deliver(self, ev: Event) -> None:  # engine thread
+        with self._lock:
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(self._aq.put_nowait, ev)
+            else:
+                self._q.put(ev)
+
+    def __iter__(self) -> Iterator[Event]:
+        while not self.done:
+            ev = self._q.get()
+            self.done = ev.finish_reason is not None
+            yield ev
+
+    async def __aiter__(self):
+        with self._lock:
+            if self._loop is None:
+                self._loop = asyncio.get_running_loop()
+                self._aq = asyncio.Queue()
+                while not self._q.empty():  # events that arrived before we switched to async delivery
+                    self._aq.put_nowait(self._q.get_nowait())
+        while not self.done:
+            ev = await self._aq.get()
+            self.done = ev.finish_reason is not None
+            yield ev
+
+    def cancel(self) -> None:
+        """Stop generating and free the request's slot."""
+        if not self.done:
+            self.llm._cancel(self.id)
+
+    def result(self) -> Completion:
+        """Block until the request finishes; return everything it produced."""
+        return _collect(self, list(self))
+
+    async def aresult(self) -> Completion:
+        return _collect(self, [ev async for ev in self])
+
+
+def _collect(h: RequestHandle, events: list[Event]) -> Completion:
+    tokens = [e.token_id for e in events if e.token_id is not None]
+    first = None
+    if tokens:
+        first = next(e for e in events if e.token_id is not None)
+    last = events[-1]
+    if last.error:
+        raise RuntimeError(f"request {h.id} failed: {last.error}")
+    return Completion(
+        request_id=h.id,
+        prompt_tokens=h.prompt_tokens,
+        token_ids=tokens,
+        text="".join(e.text for e in events),
+        finish_reason=last.finish_reason,
+        logprobs=[e.logprob for e in events if e.logprob is not None],
+        time_to_first_token=None if first is None else getattr(first, "_t", None),
+        total_time=time.perf_counter() - h.started,
+    )
+
+
+def load_generation_eos(model_dir: Path, cfg: ModelConfig) -> tuple[int, ...]:
+    """End-of-sequence ids: config.json's plus generation_config.json's."""
+    ids = list(cfg.eos_token_ids)
+    path = model_dir / "generation_config.json"
+    if path.is_file():
+        try:
+            eos = json.loads(path.read_text()).get("eos_token_id")
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path} is not valid JSON: {e}") from None
+        ids += eos if isinstance(eos, list) else ([] if eos is None else [eos])
+    return tuple(dict.fromkeys(int(i) for i in ids))
+
+
+def resolve_dtype(cfg: ModelConfig, config: EngineConfig) -> str:
+    dtype = config.dtype or cfg.dtype
+    if dtype == "float16" and config.device == "cpu" and config.dtype is None:
+        dtype = "float32"  # fp16 matmuls are slow on CPU; run fp16 checkpoints in fp32 unless asked
+    return dtype
+
+
+class LLM:
+    """A loaded model and its engine thread."""
+
+    def __init__(self, model_dir: str | Path, config: EngineConfig = EngineConfig(), runner: Runner | None = None):
+        self.model_dir = Path(model_dir)
+        self.config = config
+        t0 = time.perf_counter()
+        self.model_config = ModelConfig.from_hf_dir(self.model_dir)
+        self.tokenizer = Tokenizer.from_dir(self.model_dir)
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        cfg = self.model_config
+        self.dtype = resolve_dtype(cfg, config)
+        max_context = min(cfg.max_position_embeddings, config.max_context or 4096)
+        if runner is None:
+            stage = load_stage(self.model_dir, cfg, dtype=self.dtype, device=_device(config.device))
+            runner = LocalRunner([stage], config.max_seqs, max_context)
+        self.runner = runner
+        self.engine = Engine(runner, self.tokenizer, load_generation_eos(self.model_dir, cfg),
+                             config.max_batch_tokens, config.max_queue, cfg.vocab_size)
+        self.load_time = time.perf_counter() - t0
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="cairn-engine", daemon=True)
+        self._thread.start()
+
+    # ----- requests
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt, add_special_tokens=True)
+        return list(prompt)
+
+    def render_chat(self, messages: list[dict]) -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return self.tokenizer.encode(text)
+
+    def submit(self, prompt: str | list[int], params: SamplingParams = SamplingParams()) -> RequestHandle:
+        """Queue a request; raises UserError (e.g. ContextLengthError) at once if it cannot run."""
+        if self._closed:
+            raise EngineClosedError("this LLM is closed")
+        ids = self.encode_prompt(prompt)
+        self.engine.check(ids, params)
+        handle = RequestHandle(self, len(ids))
+        reply: queue.SimpleQueue = queue.SimpleQueue()
+        self._inbox.put(("add", ids, params, handle, reply))
+        self._wake.set()
+        outcome = reply.get()
+        if isinstance(outcome, Exception):
+            raise outcome
+        handle.id = outcome
+        return handle
+
+    def chat(self, messages: list[dict], params: SamplingParams = SamplingParams()) -> RequestHandle:
+        return self.submit(self.render_chat(messages), params)
+
+    def generate(self, prompts: list[str | list[int]], params: SamplingParams = SamplingParams()) -> list[Completion]:
+        """Submit all prompts at once (they batch together) and wait for every result."""
+        handles = [self.submit(p, params) for p in prompts]
+        return [h.result() for h in handles]
+
+    def _cancel(self, request_id: str) -> None:
+        self._inbox.put(("cancel", request_id))
+        self._wake.set()
+
+    # ----- state for metrics and health
+    def stats(self) -> dict:
+        return {"waiting": len(self.engine.waiting), "running": len(self.engine.running)}
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._wake.set()
+        self._thread.join(timeout=30)
+        self.runner.close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ----- engine thread
+    def _loop(self) -> None:
+        while not self._closed:
+            self._drain_inbox()
+            if not self.engine.has_work():
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            try:
+                self.engine.step()
+            except Exception as e:  # a bug or a device failure: fail the requests, keep the thread alive
+                self.engine.fail_all(f"{type(e).__name__}: {e}")
+        self._drain_inbox()
+        self.engine.fail_all("the engine was shut down")
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                msg = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if msg[0] == "add":
+                _, ids, params, handle, reply = msg
+                try:
+                    reply.put(self.engine.add(ids, params, handle._deliver))
+                except Exception as e:  # handed back to the submitting thread
+                    reply.put(e)
+            elif msg[0] == "cancel":
+                self.engine.cancel(msg[1])
+
+
+def _device(name: str) -> torch.device:
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} was asked for but CUDA is not available here", param="device")
+    return torch.device(name)

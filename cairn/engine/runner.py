@@ -1,0 +1,160 @@
+"""The Runner seam: the engine hands a step's batch of sequence chunks to a runner and gets logits back.
+
+A step batch packs every sequence's new tokens into one row of N tokens: decoding sequences contribute one token,
+prefilling ones a chunk of their prompt. Linear layers see all N tokens at once (one weight read per step); only
+attention is grouped per sequence. LocalRunner holds every stage in this process; a pipeline runner (pool) holds
+them on other machines behind the same two methods.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from cairn.config import ModelConfig
+from cairn.engine.fast import pack_linears
+from cairn.models.llama import LlamaStage, rotary_tables
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """New tokens of one sequence: they sit at positions [start, start + len(tokens)) of cache slot `slot`."""
+
+    slot: int
+    start: int
+    tokens: tuple[int, ...]
+
+
+class Runner(Protocol):
+    """Runs the model on a step's chunks. Single-token chunks come first, in ascending slot order."""
+
+    max_seqs: int
+    max_context: int
+
+    def forward(self, chunks: list[Chunk]) -> torch.Tensor:
+        """Logits (len(chunks), V), float32, for the last token of each chunk."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class KVCache:
+    """Keys and values of layers [range) for `max_seqs` slots of `max_context` positions each.
+
+    Zero-filled: a masked-out position still enters attention as 0 x value, so it must never hold NaN garbage.
+    (Stale values from a slot's previous sequence are finite and masked, which is harmless.)"""
+
+    def __init__(self, cfg: ModelConfig, stage: LlamaStage, max_seqs: int, max_context: int, dtype, device):
+        shape = (max_seqs, cfg.num_kv_heads, max_context, cfg.head_dim)
+        self.first_layer = stage.range.start
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in stage.range]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in stage.range]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+class PackedContext:
+    """Attention for one packed step: writes the step's keys/values into the cache, then attends per group."""
+
+    def __init__(self, cache: KVCache, chunks: list[Chunk], cos: torch.Tensor, sin: torch.Tensor, window: int | None):
+        device = cos.device
+        self.cache = cache
+        positions, slots = [], []
+        for c in chunks:
+            positions.extend(range(c.start, c.start + len(c.tokens)))
+            slots.extend([c.slot] * len(c.tokens))
+        self.pos = torch.tensor(positions, device=device)  # (N,)
+        self.slot = torch.tensor(slots, device=device)  # (N,)
+        self.cos, self.sin = cos[self.pos][:, None, :], sin[self.pos][:, None, :]  # (N, 1, hd)
+        # Decode group: the leading single-token chunks, attended in one batched call.
+        n_dec = 0
+        while n_dec < len(chunks) and len(chunks[n_dec].tokens) == 1:
+            n_dec += 1
+        self.n_dec = n_dec
+        self.dec_slots: slice | torch.Tensor | None = None
+        self.dec_mask = None
+        if n_dec:
+            dslots = [c.slot for c in chunks[:n_dec]]
+            ends = torch.tensor([c.start for c in chunks[:n_dec]], device=device)  # (B,) last position
+            self.dec_len = int(ends.max()) + 1
+            contiguous = dslots == list(range(dslots[0], dslots[0] + n_dec))
+            self.dec_slots = slice(dslots[0], dslots[0] + n_dec) if contiguous else self.slot[:n_dec]
+            key = torch.arange(self.dec_len, device=device)[None, :]  # (1, S)
+            if bool((ends != ends[0]).any()) or window is not None:
+                allowed = key <= ends[:, None]  # (B, S)
+                if window is not None:
+                    allowed &= key > ends[:, None] - window
+                self.dec_mask = allowed[:, None, None, :]  # (B, 1, 1, S)
+        # Prefill chunks: one attention call each, over the cache up to the chunk's end.
+        self.prefills = []
+        offset = n_dec
+        for c in chunks[n_dec:]:
+            T, end = len(c.tokens), c.start + len(c.tokens)
+            mask = None
+            if c.start > 0 or window is not None:
+                q_pos = torch.arange(c.start, end, device=device)[:, None]  # (T, 1)
+                key = torch.arange(end, device=device)[None, :]  # (1, end)
+                mask = key <= q_pos
+                if window is not None:
+                    mask &= key > q_pos - window
+            self.prefills.append((offset, offset + T, c.slot, end, mask))
+            offset += T
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q (N, nh, hd), k/v (N, nkv, hd) -> (N, nh * hd)."""
+        kc, vc = self.cache.k[layer - self.cache.first_layer], self.cache.v[layer - self.cache.first_layer]
+        kc[self.slot, :, self.pos] = k  # cache (slots, nkv, ctx, hd) <- (N, nkv, hd)
+        vc[self.slot, :, self.pos] = v
+        outs = []
+        if self.n_dec:
+            qd = q[: self.n_dec].unsqueeze(2)  # (B, nh, 1, hd)
+            kd = kc[self.dec_slots, :, : self.dec_len]  # (B, nkv, S, hd)
+            vd = vc[self.dec_slots, :, : self.dec_len]
+            o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=self.dec_mask, enable_gqa=True)
+            outs.append(o.view(self.n_dec, -1))  # (B, nh * hd)
+        for a, b, slot, end, mask in self.prefills:
+            qp = q[a:b].transpose(0, 1).unsqueeze(0)  # (1, nh, T, hd)
+            kp, vp = kc[slot : slot + 1, :, :end], vc[slot : slot + 1, :, :end]  # (1, nkv, end, hd)
+            o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+            outs.append(o[0].transpose(0, 1).reshape(b - a, -1))  # (T, nh * hd)
+        return outs[0] if len(outs) == 1 else torch.cat(outs, 0)
+
+
+class LocalRunner:
+    """All stages in this process (the default: one machine, no services)."""
+
+    def __init__(self, stages: list[LlamaStage], max_seqs: int, max_context: int, fast: bool = True):
+        self.stages = stages
+        if fast:
+            for s in stages:
+                pack_linears(s)
+        self.cfg = stages[0].cfg
+        self.max_seqs, self.max_context = max_seqs, max_context
+        w = stages[0].layers[0].input_layernorm.weight if stages[0].layers else stages[0].embed_tokens.weight
+        self.device, self.dtype = w.device, w.dtype
+        self.caches = [KVCache(self.cfg, s, max_seqs, max_context, self.dtype, self.device) for s in stages]
+        self.cos, self.sin = rotary_tables(self.cfg, max_context, self.device)
+
+    @torch.inference_mode()
+    def forward(self, chunks: list[Chunk]) -> torch.Tensor:
+        ids = torch.tensor([t for c in chunks for t in c.tokens], device=self.device)  # (N,)
+        last = torch.tensor(list(_last_rows(chunks)), device=self.device)  # (n_chunks,)
+        x = ids
+        for stage, cache in zip(self.stages, self.caches):
+            ctx = PackedContext(cache, chunks, self.cos, self.sin, self.cfg.sliding_window)
+            x = stage(x, ctx, logits_rows=last if stage.is_last else None)
+        return x
+
+    def close(self) -> None:
+        self.caches = []
+
+
+def _last_rows(chunks: list[Chunk]):
+    n = 0
+    for c in chunks:
+        n += len(c.tokens)
+        yield n - 1
