@@ -17,7 +17,10 @@ class TextStream:
         self.stopped = False
 
     def push(self, token_id: int) -> str:
-        """Add a token; return the new text that is safe to show (may be empty). Sets .stopped on a stop string."""
+        """Add a token; return the new text that is safe to show (may be empty). Sets .stopped on a stop string;
+        tokens pushed after that add nothing."""
+        if self.stopped:
+            return ""
         self.ids.append(token_id)
         prev = self.tok.decode(self.ids[self._prefix : self._read])
         new = self.tok.decode(self.ids[self._prefix :])

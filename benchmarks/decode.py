@@ -1,0 +1,157 @@
+"""Decode speed: cairn vs transformers `generate` (and llama.cpp when installed) on the same checkpoint,
+same dtype, same thread count, in the same run. Prints tokens/s, ratios and the fraction of the memory
+bandwidth ceiling reached (bytes read per token x tokens/s / measured streaming-read bandwidth).
+
+    python benchmarks/decode.py MODEL_DIR [--tokens 128] [--threads 2] [--streams 8] [--dtypes float32,bfloat16]
+                                          [--gguf model.gguf]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import torch
+
+from cairn.config import EngineConfig, ModelConfig, SamplingParams
+from cairn.engine.api import LLM
+
+PROMPT = "The engineer builds a wooden boat near the river"
+
+
+def best_of(n, fn):
+    return min(fn() for _ in range(n))
+
+
+def read_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
+    """Streaming-read bandwidth: sum over a buffer far larger than any cache."""
+    buf = torch.ones(nbytes // 4)
+    buf.sum()
+
+    def once():
+        t = time.perf_counter()
+        buf.sum()
+        return time.perf_counter() - t
+
+    return nbytes / best_of(5, once) / 1e9
+
+
+def bytes_per_token(cfg: ModelConfig, elt: int, context: int) -> int:
+    """Weights read once per decoded token (the head reads the whole embedding when tied; an untied embedding
+    lookup reads one row) plus the keys and values attended to at `context` positions."""
+    weights = cfg.param_count() - (0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size)
+    kv = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * context
+    return (weights + kv) * elt
+
+
+def bench_cairn(model_dir, dtype, tokens, streams, threads):
+    t0 = time.perf_counter()
+    llm = LLM(model_dir, EngineConfig(dtype=dtype, threads=threads, max_seqs=streams))
+    load = time.perf_counter() - t0
+    params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+    llm.submit(PROMPT, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)).result()  # warm-up
+
+    def one():
+        t = time.perf_counter()
+        llm.submit(PROMPT, params).result()
+        return time.perf_counter() - t
+
+    def many():
+        t = time.perf_counter()
+        llm.generate([PROMPT] * streams, params)
+        return time.perf_counter() - t
+
+    b1 = tokens / best_of(2, one)
+    bn = streams * tokens / best_of(2, many)
+    prompt_len = len(llm.encode_prompt(PROMPT))
+    llm.close()
+    return {"load_s": load, "b1": b1, "bn": bn, "prompt_len": prompt_len}
+
+
+def bench_transformers(model_dir, dtype, tokens, streams):
+    import transformers
+
+    t0 = time.perf_counter()
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
+    load = time.perf_counter() - t0
+    from cairn.models.tokenizer import Tokenizer
+
+    ids = torch.tensor([Tokenizer.from_dir(model_dir).encode(PROMPT)])
+    kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
+    model.generate(ids, max_new_tokens=8, min_new_tokens=8, **kw)
+
+    def run(batch):
+        x = ids.expand(batch, -1).contiguous()
+        t = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(x, max_new_tokens=tokens, min_new_tokens=tokens, **kw)
+        return time.perf_counter() - t
+
+    return {"load_s": load, "b1": tokens / best_of(2, lambda: run(1)), "bn": streams * tokens / best_of(2, lambda: run(streams))}
+
+
+def bench_llama_cpp(gguf, tokens, threads):
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    llm = Llama(model_path=gguf, n_threads=threads, n_ctx=512, verbose=False)
+
+    def once():
+        t = time.perf_counter()
+        llm(PROMPT, max_tokens=tokens, temperature=0.0)
+        return time.perf_counter() - t
+
+    once()
+    return {"b1": tokens / best_of(2, once)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model_dir")
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--streams", type=int, default=8)
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--gguf", default=None, help="GGUF of the same weights, for llama.cpp (if llama_cpp is installed)")
+    ap.add_argument("--no-transformers", action="store_true")
+    ap.add_argument("--json", default=None, help="also write the results to this file")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    cfg = ModelConfig.from_hf_dir(a.model_dir)
+    bw = read_bandwidth_gbs()
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"{a.threads} threads; streaming read {bw:.1f} GB/s")
+    print(f"model: {a.model_dir} ({cfg.arch}, {cfg.param_count() / 1e6:.1f}M params, {cfg.num_layers} layers); "
+          f"greedy, {a.tokens} new tokens, prompt {PROMPT!r}")
+    results = {"bandwidth_gbs": bw, "threads": a.threads, "tokens": a.tokens, "streams": a.streams}
+    for dtype in a.dtypes.split(","):
+        c = bench_cairn(a.model_dir, dtype, a.tokens, a.streams, a.threads)
+        h = None if a.no_transformers else bench_transformers(a.model_dir, dtype, a.tokens, a.streams)
+        elt = torch.finfo(getattr(torch, dtype)).bits // 8
+        bpt = bytes_per_token(cfg, elt, c["prompt_len"] + a.tokens // 2)
+        ceiling = bw * 1e9 / bpt
+        print(f"\n[{dtype}] bytes read per token {bpt / 1e6:.0f} MB -> bandwidth ceiling {ceiling:.0f} tokens/s")
+        print(f"  {'':24}{'batch 1':>12}{f'{a.streams} streams':>14}{'load s':>10}")
+        print(f"  {'cairn':24}{c['b1']:>12.1f}{c['bn']:>14.1f}{c['load_s']:>10.2f}")
+        if h:
+            print(f"  {'transformers generate':24}{h['b1']:>12.1f}{h['bn']:>14.1f}{h['load_s']:>10.2f}")
+            print(f"  ratio cairn/transformers: batch 1 {c['b1'] / h['b1']:.2f}x, {a.streams} streams {c['bn'] / h['bn']:.2f}x")
+        print(f"  cairn {a.streams} streams / cairn batch 1: {c['bn'] / c['b1']:.2f}x; "
+              f"batch 1 reaches {c['b1'] / ceiling:.0%} of the bandwidth ceiling "
+              f"({c['b1'] * bpt / 1e9:.1f} GB/s effective)")
+        results[dtype] = {"cairn": c, "transformers": h, "bytes_per_token": bpt, "ceiling_tokens_s": ceiling}
+    if a.gguf:
+        l = bench_llama_cpp(a.gguf, a.tokens, a.threads)
+        print(f"\nllama.cpp ({a.gguf}): " + ("llama_cpp not installed" if l is None else f"batch 1 {l['b1']:.1f} tokens/s"))
+        results["llama_cpp"] = l
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,235 @@
+"""The `cairn` command: one table from command name to a typed function; `--help` is the function's docstring.
+
+User mistakes exit with code 2 and a one-line reason on stderr, never a traceback. The environment is read here
+and nowhere deeper."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from cairn.errors import CairnError, UserError
+
+
+def init_model(out_dir: str, shape: str = "tiny", arch: str = "llama", seed: int = 0, corpus: str | None = None,
+               dtype: str = "float32") -> int:
+    """Write a randomly initialised model in Hugging Face layout (config.json, model.safetensors, tokenizer.json,
+    tokenizer_config.json with a chat template, generation_config.json). The byte-level BPE tokenizer is trained
+    on --corpus (a text file, or JSONL with a "text" field) or on a small text cairn ships."""
+    from cairn.models.init import init_model as run
+
+    texts = None
+    if corpus is not None:
+        texts = _read_corpus(Path(corpus))
+    t0 = time.perf_counter()
+    cfg = run(out_dir, shape=shape, arch=arch, seed=seed, corpus=texts, dtype=dtype)
+    print(f"wrote {arch} {shape} ({cfg.param_count() / 1e6:.1f}M parameters, {cfg.num_layers} layers, "
+          f"vocab {cfg.vocab_size}) to {out_dir} in {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+def _read_corpus(path: Path) -> list[str]:
+    if not path.is_file():
+        raise UserError(f"corpus file {path} does not exist")
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    if path.suffix == ".jsonl":
+        texts = []
+        for i, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                texts.append(str(json.loads(line)["text"]))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise UserError(f"{path}:{i}: expected a JSON object with a \"text\" field") from None
+        lines = texts
+    texts = [t for t in lines if t.strip()]
+    if not texts:
+        raise UserError(f"corpus file {path} holds no text")
+    return texts
+
+
+def _engine_config(device: str, dtype: str | None, threads: int | None, max_context: int | None = None, max_seqs: int = 4):
+    from cairn.config import EngineConfig
+
+    return EngineConfig(device=device, dtype=dtype, threads=threads, max_context=max_context, max_seqs=max_seqs)
+
+
+def _sampling(max_tokens, temperature, top_p, top_k, seed, stop, repetition_penalty=1.0, logprobs=None, ignore_eos=False):
+    from cairn.config import SamplingParams
+
+    return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                          stop=tuple(stop or ()), repetition_penalty=repetition_penalty, logprobs=logprobs,
+                          ignore_eos=ignore_eos)
+
+
+def generate(model_dir: str, prompt: str, max_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
+             top_k: int = 0, seed: int | None = None, stop: list[str] | None = None, repetition_penalty: float = 1.0,
+             ignore_eos: bool = False, json_out: bool = False, device: str = "cpu", dtype: str | None = None,
+             threads: int | None = None) -> int:
+    """Print the model's continuation of --prompt, streamed as it is generated (greedy unless --temperature > 0).
+    --json prints one object instead: tokens, text, finish reason and timing."""
+    from cairn.engine.api import LLM
+
+    params = _sampling(max_tokens, temperature, top_p, top_k, seed, stop, repetition_penalty, ignore_eos=ignore_eos)
+    with LLM(model_dir, _engine_config(device, dtype, threads, max_seqs=1)) as llm:
+        t0 = time.perf_counter()
+        handle = llm.submit(prompt, params)
+        tokens, text, first, finish = [], [], None, None
+        for ev in handle:
+            if ev.token_id is not None:
+                tokens.append(ev.token_id)
+                first = first or time.perf_counter()
+            text.append(ev.text)
+            finish = ev.finish_reason
+            if not json_out and ev.text:
+                print(ev.text, end="", flush=True)
+        total = time.perf_counter() - t0
+        if json_out:
+            decode_time = total - ((first or t0) - t0)
+            print(json.dumps({
+                "prompt": prompt, "prompt_tokens": handle.prompt_tokens, "tokens": tokens, "text": "".join(text),
+                "finish_reason": finish, "load_s": round(llm.load_time, 4), "time_to_first_token_s": round((first or t0) - t0, 4),
+                "total_s": round(total, 4),
+                "decode_tokens_per_s": round((len(tokens) - 1) / decode_time, 2) if len(tokens) > 1 and decode_time > 0 else None,
+            }))
+        else:
+            print()
+    return 0
+
+
+def chat(model_dir: str, system: str | None = None, max_tokens: int = 256, temperature: float = 0.7,
+         top_p: float = 0.95, seed: int | None = None, device: str = "cpu", dtype: str | None = None,
+         threads: int | None = None) -> int:
+    """Chat with the model using its checkpoint's chat template: multi-turn, replies stream to the terminal.
+    Type a message and press Enter; Ctrl-D (end of input) quits."""
+    from cairn.engine.api import LLM
+
+    params = _sampling(max_tokens, temperature, top_p, 0, seed, None)
+    with LLM(model_dir, _engine_config(device, dtype, threads, max_seqs=1)) as llm:
+        if not llm.tokenizer.chat_template:
+            raise UserError(f"{model_dir} has no chat template (tokenizer_config.json: chat_template); use generate")
+        messages = [{"role": "system", "content": system}] if system else []
+        interactive = sys.stdin.isatty()
+        while True:
+            try:
+                line = input("you> " if interactive else "")
+            except EOFError:
+                print()
+                return 0
+            if not line.strip():
+                continue
+            messages.append({"role": "user", "content": line})
+            ids = llm.render_chat(messages)
+            room = llm.engine.max_context - len(ids)
+            if room <= 0:
+                raise UserError("the conversation no longer fits the model's context; start a new chat")
+            print("assistant> ", end="", flush=True)
+            handle = llm.submit(ids, _with_max(params, min(params.max_tokens, room)))
+            reply = []
+            try:
+                for ev in handle:
+                    reply.append(ev.text)
+                    print(ev.text, end="", flush=True)
+            except KeyboardInterrupt:
+                handle.cancel()
+            print()
+            messages.append({"role": "assistant", "content": "".join(reply)})
+
+
+def _with_max(params, max_tokens):
+    from dataclasses import replace
+
+    return replace(params, max_tokens=max_tokens)
+
+
+@dataclass(frozen=True)
+class Arg:
+    flags: tuple[str, ...]
+    kwargs: dict
+
+
+def arg(*flags: str, **kwargs) -> Arg:
+    return Arg(flags, kwargs)
+
+
+_RUNTIME = [
+    arg("--device", default="cpu", help="cpu, cuda or cuda:N"),
+    arg("--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="compute dtype (default: checkpoint's)"),
+    arg("--threads", type=int, default=None, help="CPU threads for torch"),
+]
+
+COMMANDS: dict[str, tuple[Callable[..., int], list[Arg]]] = {
+    "init-model": (init_model, [
+        arg("out_dir"),
+        arg("--shape", default="tiny", choices=["tiny", "small", "smollm-135m"]),
+        arg("--arch", default="llama", choices=["llama", "qwen2", "mistral"]),
+        arg("--seed", type=int, default=0),
+        arg("--corpus", default=None, help="text file (or .jsonl with a text field) to train the tokenizer on"),
+        arg("--dtype", default="float32", choices=["float32", "bfloat16", "float16"]),
+    ]),
+    "generate": (generate, [
+        arg("model_dir"),
+        arg("--prompt", required=True),
+        arg("--max-tokens", type=int, default=128),
+        arg("--temperature", type=float, default=0.0),
+        arg("--top-p", type=float, default=1.0),
+        arg("--top-k", type=int, default=0),
+        arg("--seed", type=int, default=None),
+        arg("--stop", action="append", default=None, help="stop string (repeatable)"),
+        arg("--repetition-penalty", type=float, default=1.0),
+        arg("--ignore-eos", action="store_true", help="keep going past end-of-sequence tokens"),
+        arg("--json", dest="json_out", action="store_true", help="print tokens, text, finish reason and timing as JSON"),
+        *_RUNTIME,
+    ]),
+    "chat": (chat, [
+        arg("model_dir"),
+        arg("--system", default=None, help="system message"),
+        arg("--max-tokens", type=int, default=256),
+        arg("--temperature", type=float, default=0.7),
+        arg("--top-p", type=float, default=0.95),
+        arg("--seed", type=int, default=None),
+        *_RUNTIME,
+    ]),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="cairn", description="Build, adapt and serve language models on the hardware you own.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for name, (fn, args) in COMMANDS.items():
+        doc = (fn.__doc__ or "").strip()
+        p = sub.add_parser(name, help=doc.split(".")[0], description=doc)
+        for a in args:
+            p.add_argument(*a.flags, **a.kwargs)
+        p.set_defaults(_fn=fn)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = vars(build_parser().parse_args(argv))
+    fn = ns.pop("_fn")
+    ns.pop("command")
+    try:
+        return fn(**ns)
+    except UserError as e:
+        print(f"cairn: error: {e}", file=sys.stderr)
+        return 2
+    except CairnError as e:
+        print(f"cairn: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

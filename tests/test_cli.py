@@ -1,0 +1,66 @@
+"""The `cairn` command as a user runs it: a subprocess, its stdout, its exit code."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def cairn(*args, input=None):
+    return subprocess.run([sys.executable, "-m", "cairn", *map(str, args)], capture_output=True, text=True,
+                          input=input, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def cli_model(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "m"
+    corpus = tmp_path_factory.mktemp("corpus") / "c.txt"
+    corpus.write_text("\n".join(f"line {i}: the river runs to the sea, {i * 7} boats." for i in range(300)))
+    r = cairn("init-model", out, "--shape", "tiny", "--arch", "qwen2", "--seed", "3", "--corpus", corpus)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_init_model_writes_hf_layout(cli_model):
+    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"]:
+        assert (cli_model / f).is_file()
+    assert json.loads((cli_model / "config.json").read_text())["model_type"] == "qwen2"
+    assert "chat_template" in json.loads((cli_model / "tokenizer_config.json").read_text())
+
+
+def test_generate_json_is_deterministic(cli_model):
+    args = ["generate", cli_model, "--prompt", "the river", "--max-tokens", "12", "--ignore-eos", "--json"]
+    a, b = cairn(*args), cairn(*args)
+    assert a.returncode == 0, a.stderr
+    out = json.loads(a.stdout)
+    assert out == {**json.loads(b.stdout), **{k: out[k] for k in ("load_s", "time_to_first_token_s", "total_s",
+                                                                   "decode_tokens_per_s")}}
+    assert len(out["tokens"]) == 12 and out["finish_reason"] == "length" and out["prompt_tokens"] > 0
+
+
+def test_generate_streams_plain_text(cli_model):
+    r = cairn("generate", cli_model, "--prompt", "the river", "--max-tokens", "8", "--ignore-eos")
+    j = json.loads(cairn("generate", cli_model, "--prompt", "the river", "--max-tokens", "8", "--ignore-eos",
+                         "--json").stdout)
+    assert r.returncode == 0 and r.stdout == j["text"] + "\n"
+
+
+def test_chat_multi_turn_until_end_of_input(cli_model):
+    r = cairn("chat", cli_model, "--max-tokens", "5", "--seed", "1", input="hello\nhow are you\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("assistant> ") == 2
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["generate", "/nonexistent/model", "--prompt", "x"], "does not exist"),
+    (["generate", "{model}", "--prompt", "x", "--temperature", "-1"], "temperature"),
+    (["generate", "{model}", "--prompt", "x", "--max-tokens", "100000"], "context"),
+    (["init-model", "{tmp}/m", "--corpus", "/nonexistent.txt"], "does not exist"),
+    (["generate", "{model}"], "--prompt"),
+])
+def test_user_errors_exit_2_with_one_line(cli_model, tmp_path, args, needle):
+    r = cairn(*[a.format(model=cli_model, tmp=tmp_path) for a in args])
+    assert r.returncode == 2
+    assert needle in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1

@@ -1,0 +1,64 @@
+"""Sampling filters are pure functions: checked against hand-computed expectations."""
+
+import math
+
+import pytest
+import torch
+
+from cairn.config import SamplingParams
+from cairn.engine.sampling import apply_penalties, min_p_filter, sample, top_k_filter, top_logprobs, top_p_filter
+from cairn.errors import UserError
+
+NEG = float("-inf")
+
+
+def test_top_k_keeps_k_largest():
+    out = top_k_filter(torch.tensor([1.0, 5.0, 3.0, 4.0]), 2)
+    assert out.tolist() == [NEG, 5.0, NEG, 4.0]
+    assert top_k_filter(torch.tensor([1.0, 2.0]), 0).tolist() == [1.0, 2.0]
+
+
+def test_top_p_keeps_smallest_set_reaching_p():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log()
+    kept = top_p_filter(logits, 0.8).isfinite().tolist()
+    assert kept == [True, True, False, False]  # 0.5 + 0.3 reaches 0.8
+    assert top_p_filter(logits, 0.81).isfinite().tolist() == [True, True, True, False]
+    assert top_p_filter(logits, 0.1).isfinite().tolist() == [True, False, False, False]  # always one token
+
+
+def test_min_p_relative_to_top():
+    probs = torch.tensor([0.6, 0.3, 0.07, 0.03])
+    assert min_p_filter(probs.log(), 0.1).isfinite().tolist() == [True, True, True, False]
+
+
+def test_penalties_match_formulas():
+    logits = torch.tensor([2.0, -1.0, 0.5, 3.0])
+    rep = apply_penalties(logits, torch.tensor([0, 1]), torch.tensor([], dtype=torch.long), repetition=2.0)
+    assert rep.tolist() == [1.0, -2.0, 0.5, 3.0]
+    pen = apply_penalties(logits, torch.tensor([3]), torch.tensor([3, 3, 2]), presence=0.5, frequency=0.25)
+    assert pen.tolist() == pytest.approx([2.0, -1.0, 0.5 - 0.25 - 0.5, 3.0 - 0.5 - 0.5])
+    assert logits.tolist() == [2.0, -1.0, 0.5, 3.0]  # input untouched
+
+
+def test_sample_is_reproducible_and_follows_distribution():
+    logits = torch.tensor([0.0, math.log(3.0)])  # p = 0.25, 0.75
+    a = [sample(logits, torch.Generator().manual_seed(7)) for _ in range(3)]
+    assert len(set(a)) == 1
+    g = torch.Generator().manual_seed(0)
+    draws = [sample(logits, g) for _ in range(4000)]
+    assert abs(sum(draws) / 4000 - 0.75) < 0.03
+
+
+def test_top_logprobs_sorted():
+    lp = torch.log_softmax(torch.tensor([1.0, 3.0, 2.0]), -1)
+    top = top_logprobs(lp, 2)
+    assert [t for t, _ in top] == [1, 2] and top[0][1] == pytest.approx(float(lp[1]))
+
+
+@pytest.mark.parametrize("bad", [dict(max_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_k=-1),
+                                 dict(presence_penalty=3), dict(stop=("",)), dict(logprobs=50)])
+def test_bad_params_name_the_field(bad):
+    with pytest.raises(UserError) as e:
+        SamplingParams(**bad)
+    assert e.value.param == next(iter(bad))
