@@ -147,6 +147,42 @@ def _with_max(params, max_tokens):
     return replace(params, max_tokens=max_tokens)
 
 
+def serve(model_dirs: list[str], host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          max_concurrency: int = 16, max_queue: int = 256, max_context: int | None = None,
+          served_name: list[str] | None = None, device: str = "cpu", dtype: str | None = None,
+          threads: int | None = None) -> int:
+    """Serve local models over an OpenAI-compatible API: /v1/models, /v1/chat/completions, /v1/completions
+    (streaming too), /health and /metrics. --api-key (or CAIRN_API_KEY) makes /v1 require 'Bearer KEY'.
+    --max-concurrency sequences decode together per model; beyond --max-queue waiting requests, 429."""
+    import os
+
+    import uvicorn
+
+    from cairn.config import EngineConfig
+    from cairn.engine.api import LLM
+    from cairn.serve.app import create_app
+
+    names = served_name or [Path(d).resolve().name for d in model_dirs]
+    if len(names) != len(model_dirs):
+        raise UserError(f"--served-name given {len(names)} times for {len(model_dirs)} models; give one per model")
+    if len(set(names)) != len(names):
+        raise UserError(f"served model names must differ, got {names}; use --served-name")
+    from cairn.config import ModelConfig
+
+    for d in model_dirs:  # fail before binding the port if a directory is plainly wrong
+        ModelConfig.from_hf_dir(d)
+    config = EngineConfig(device=device, dtype=dtype, threads=threads, max_seqs=max_concurrency,
+                          max_queue=max_queue, max_context=max_context)
+
+    def load():
+        return {n: LLM(d, config) for n, d in zip(names, model_dirs)}
+
+    app = create_app(loader=load, api_key=api_key or os.environ.get("CAIRN_API_KEY") or None)
+    print(f"cairn: serving {', '.join(names)} on http://{host}:{port}/v1", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+    return 0
+
+
 @dataclass(frozen=True)
 class Arg:
     flags: tuple[str, ...]
@@ -193,6 +229,17 @@ COMMANDS: dict[str, tuple[Callable[..., int], list[Arg]]] = {
         arg("--temperature", type=float, default=0.7),
         arg("--top-p", type=float, default=0.95),
         arg("--seed", type=int, default=None),
+        *_RUNTIME,
+    ]),
+    "serve": (serve, [
+        arg("model_dirs", nargs="+", metavar="MODEL_DIR"),
+        arg("--host", default="127.0.0.1"),
+        arg("--port", type=int, default=8000),
+        arg("--api-key", default=None, help="require this bearer key on /v1 (default: $CAIRN_API_KEY)"),
+        arg("--max-concurrency", type=int, default=16, help="sequences decoded together per model"),
+        arg("--max-queue", type=int, default=256, help="waiting requests allowed before 429"),
+        arg("--max-context", type=int, default=None, help="cap on prompt + output tokens"),
+        arg("--served-name", action="append", default=None, help="name clients use (one per model)"),
         *_RUNTIME,
     ]),
 }

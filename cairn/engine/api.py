@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import queue
 import threading
@@ -41,8 +42,11 @@ class RequestHandle:
         self._lock = threading.Lock()
         self.done = False
         self.started = time.perf_counter()
+        self.first_token_at: float | None = None
 
     def _deliver(self, ev: Event) -> None:  # engine thread
+        if self.first_token_at is None and ev.token_id is not None:
+            self.first_token_at = time.perf_counter()
         with self._lock:
             if self._loop is not None:
                 self._loop.call_soon_threadsafe(self._aq.put_nowait, ev)
@@ -82,9 +86,6 @@ class RequestHandle:
 
 def _collect(h: RequestHandle, events: list[Event]) -> Completion:
     tokens = [e.token_id for e in events if e.token_id is not None]
-    first = None
-    if tokens:
-        first = next(e for e in events if e.token_id is not None)
     last = events[-1]
     if last.error:
         raise RuntimeError(f"request {h.id} failed: {last.error}")
@@ -95,7 +96,7 @@ def _collect(h: RequestHandle, events: list[Event]) -> Completion:
         text="".join(e.text for e in events),
         finish_reason=last.finish_reason,
         logprobs=[e.logprob for e in events if e.logprob is not None],
-        time_to_first_token=None if first is None else getattr(first, "_t", None),
+        time_to_first_token=None if h.first_token_at is None else h.first_token_at - h.started,
         total_time=time.perf_counter() - h.started,
     )
 
@@ -142,6 +143,9 @@ class LLM:
                              config.max_batch_tokens, config.max_queue, cfg.vocab_size)
         self.load_time = time.perf_counter() - t0
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._submit_lock = threading.Lock()
+        self._pending = 0  # submitted, not yet taken by the engine thread
+        self._ids = itertools.count()
         self._wake = threading.Event()
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="cairn-engine", daemon=True)
@@ -158,19 +162,20 @@ class LLM:
         return self.tokenizer.encode(text)
 
     def submit(self, prompt: str | list[int], params: SamplingParams = SamplingParams()) -> RequestHandle:
-        """Queue a request; raises UserError (e.g. ContextLengthError) at once if it cannot run."""
+        """Queue a request and return at once; raises UserError (e.g. ContextLengthError) if it cannot run and
+        QueueFullError when max_queue requests are already waiting. Never waits for the engine thread."""
         if self._closed:
             raise EngineClosedError("this LLM is closed")
         ids = self.encode_prompt(prompt)
         self.engine.check(ids, params)
-        handle = RequestHandle(self, len(ids))
-        reply: queue.SimpleQueue = queue.SimpleQueue()
-        self._inbox.put(("add", ids, params, handle, reply))
+        with self._submit_lock:
+            if self._pending + len(self.engine.waiting) >= self.config.max_queue:
+                raise QueueFullError(f"{self.config.max_queue} requests are already waiting; retry later")
+            self._pending += 1
+            handle = RequestHandle(self, len(ids))
+            handle.id = f"req-{next(self._ids)}"
+        self._inbox.put(("add", ids, params, handle))
         self._wake.set()
-        outcome = reply.get()
-        if isinstance(outcome, Exception):
-            raise outcome
-        handle.id = outcome
         return handle
 
     def chat(self, messages: list[dict], params: SamplingParams = SamplingParams()) -> RequestHandle:
@@ -187,7 +192,7 @@ class LLM:
 
     # ----- state for metrics and health
     def stats(self) -> dict:
-        return {"waiting": len(self.engine.waiting), "running": len(self.engine.running)}
+        return {"waiting": len(self.engine.waiting) + self._pending, "running": len(self.engine.running)}
 
     def close(self) -> None:
         if self._closed:
@@ -225,11 +230,13 @@ class LLM:
             except queue.Empty:
                 return
             if msg[0] == "add":
-                _, ids, params, handle, reply = msg
+                _, ids, params, handle = msg
+                with self._submit_lock:
+                    self._pending -= 1
                 try:
-                    reply.put(self.engine.add(ids, params, handle._deliver))
-                except Exception as e:  # handed back to the submitting thread
-                    reply.put(e)
+                    self.engine.add(ids, params, handle._deliver, handle.id)
+                except Exception as e:  # checked at submit already; anything left ends the request with an error
+                    handle._deliver(Event(handle.id, None, "", None, "error", f"{type(e).__name__}: {e}"))
             elif msg[0] == "cancel":
                 self.engine.cancel(msg[1])
 

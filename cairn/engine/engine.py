@@ -141,7 +141,7 @@ class Engine:
         gen = None
         if not params.greedy:
             seed = params.seed if params.seed is not None else random.getrandbits(63)
-            gen = torch.Generator().manual_seed(seed)
+            gen = torch.Generator().manual_seed(seed % (1 << 63))
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids)
         self.waiting.append(Sequence(rid, list(prompt), params, max_tokens, sink, TextStream(self.tokenizer, params.stop),
                                      gen, stop_ids))

@@ -1,0 +1,27 @@
+"""Prometheus metrics of one server (own registry, so several apps in one process do not collide)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+
+class Metrics:
+    def __init__(self, stats_by_model):
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("cairn_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=r)
+        self.prompt_tokens = Counter("cairn_prompt_tokens", "Prompt tokens processed", ["model"], registry=r)
+        self.generation_tokens = Counter("cairn_generation_tokens", "Tokens generated", ["model"], registry=r)
+        self.ttft = Histogram("cairn_time_to_first_token_seconds", "Time from request to first token", ["model"],
+                              buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=r)
+        self.itl = Histogram("cairn_inter_token_latency_seconds", "Time between consecutive tokens", ["model"],
+                             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1), registry=r)
+        queue = Gauge("cairn_queue_depth", "Requests waiting for a slot", ["model"], registry=r)
+        running = Gauge("cairn_running_sequences", "Sequences holding a KV-cache slot", ["model"], registry=r)
+        self._gauges = (queue, running, stats_by_model)
+
+    def render(self) -> bytes:
+        queue, running, stats_by_model = self._gauges
+        for name, stats in stats_by_model().items():
+            queue.labels(name).set(stats["waiting"])
+            running.labels(name).set(stats["running"])
+        return generate_latest(self.registry)
