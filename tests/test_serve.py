@@ -1,7 +1,6 @@
 """The OpenAI-compatible server through the official `openai` client, on 127.0.0.1 only."""
 
 import asyncio
-import json
 import socket
 import threading
 import time

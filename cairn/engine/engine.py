@@ -70,7 +70,7 @@ class Completion:
     total_time: float
 
 
-@dataclass
+@dataclass(eq=False)
 class Sequence:
     id: str
     prompt: list[int]
@@ -176,7 +176,7 @@ class Engine:
             chunks.append(Chunk(s.slot, s.computed, tuple(s.prompt[s.computed : s.computed + n])))
             scheduled.append(s)
             budget -= n
-        logits = self.runner.forward(chunks)  # (len(chunks), V)
+        logits = self.runner.forward(chunks).cpu()  # (len(chunks), V); sampling runs on the CPU
         for seq, chunk, row in zip(scheduled, chunks, logits):
             seq.computed += len(chunk.tokens)
             if seq.computed == len(seq.tokens):  # prompt done (or decode step): a new token is due

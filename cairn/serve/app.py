@@ -135,7 +135,7 @@ def create_app(models: dict[str, LLM] | None = None, *, loader: Callable[[], dic
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
             return _sse(_chat_stream(llm, body.model, handles, rid, created, usage, metrics, body.n))
-        outs = await _gather(llm, body.model, handles, metrics)
+        outs = await _gather(body.model, handles, metrics)
         choices = []
         for i, (h, evs) in enumerate(outs):
             text, finish = "".join(e.text for e in evs), evs[-1].finish_reason
@@ -165,7 +165,7 @@ def create_app(models: dict[str, LLM] | None = None, *, loader: Callable[[], dic
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
             return _sse(_completion_stream(llm, body.model, handles, rid, created, usage, echo, metrics, body.n))
-        outs = await _gather(llm, body.model, handles, metrics)
+        outs = await _gather(body.model, handles, metrics)
         choices = []
         for i, (h, evs) in enumerate(outs):
             text = echo[i] + "".join(e.text for e in evs)
@@ -243,7 +243,7 @@ def _submit(llm: LLM, prompts: list[list[int]], params: SamplingParams, n: int, 
     return handles
 
 
-async def _events(llm: LLM, name: str, h: RequestHandle, metrics: Metrics) -> AsyncIterator[Event]:
+async def _events(name: str, h: RequestHandle, metrics: Metrics) -> AsyncIterator[Event]:
     """A handle's events, observing time to first token and inter-token latency."""
     metrics.prompt_tokens.labels(name).inc(h.prompt_tokens)
     last = None
@@ -261,9 +261,9 @@ async def _events(llm: LLM, name: str, h: RequestHandle, metrics: Metrics) -> As
         yield ev
 
 
-async def _gather(llm, name, handles, metrics) -> list[tuple[RequestHandle, list[Event]]]:
+async def _gather(name, handles, metrics) -> list[tuple[RequestHandle, list[Event]]]:
     async def one(h):
-        return h, [ev async for ev in _events(llm, name, h, metrics)]
+        return h, [ev async for ev in _events(name, h, metrics)]
 
     try:
         return await asyncio.gather(*(one(h) for h in handles))
@@ -272,17 +272,17 @@ async def _gather(llm, name, handles, metrics) -> list[tuple[RequestHandle, list
             h.cancel()
 
 
-async def _merged(llm, name, handles, metrics) -> AsyncIterator[tuple[int, Event]]:
+async def _merged(name, handles, metrics) -> AsyncIterator[tuple[int, Event]]:
     """Events of several handles as they come, tagged with the choice index."""
     if len(handles) == 1:
-        async for ev in _events(llm, name, handles[0], metrics):
+        async for ev in _events(name, handles[0], metrics):
             yield 0, ev
         return
     q: asyncio.Queue = asyncio.Queue()
 
     async def pump(i, h):
         try:
-            async for ev in _events(llm, name, h, metrics):
+            async for ev in _events(name, h, metrics):
                 await q.put((i, ev))
         except APIError as e:
             await q.put((i, e))
@@ -320,7 +320,7 @@ async def _chat_stream(llm, name, handles, rid, created, include_usage, metrics,
         for i in range(len(handles)):
             yield {**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                         "finish_reason": None, "logprobs": None}]}
-        async for i, ev in _merged(llm, name, handles, metrics):
+        async for i, ev in _merged(name, handles, metrics):
             counts[i] += ev.token_id is not None
             if not ev.text and ev.finish_reason is None and not ev.logprob:
                 continue
@@ -341,7 +341,7 @@ async def _completion_stream(llm, name, handles, rid, created, include_usage, ec
         for i, text in enumerate(echo):
             if text:
                 yield {**base, "choices": [{"index": i, "text": text, "finish_reason": None, "logprobs": None}]}
-        async for i, ev in _merged(llm, name, handles, metrics):
+        async for i, ev in _merged(name, handles, metrics):
             counts[i] += ev.token_id is not None
             if not ev.text and ev.finish_reason is None and not ev.logprob:
                 continue

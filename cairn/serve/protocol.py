@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
-
-Float = Field(default=None, allow_inf_nan=False)
 
 
 class StreamOptions(BaseModel):
@@ -66,5 +64,3 @@ def error_body(message: str, type_: str = "invalid_request_error", param: str | 
                code: str | None = None) -> dict:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
-
-Role = Literal["system", "user", "assistant", "developer", "tool"]
