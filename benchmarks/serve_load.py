@@ -11,13 +11,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import signal
-import socket
-import subprocess
-import sys
 import time
 
 import httpx
+
+from cairn.serve.launch import ServerProcess
 
 
 def percentile(xs, q):
@@ -91,26 +89,11 @@ def main():
     ap.add_argument("--max-concurrency", type=int, default=16)
     ap.add_argument("--dtype", default=None)
     a = ap.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "cairn", "serve", a.model_dir, "--port", str(port), "--served-name", "m",
-           "--threads", str(a.threads), "--max-concurrency", str(a.max_concurrency)]
+    args = ["--served-name", "m", "--threads", str(a.threads), "--max-concurrency", str(a.max_concurrency)]
     if a.dtype:
-        cmd += ["--dtype", a.dtype]
-    server = subprocess.Popen(cmd)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                sys.exit("server did not start")
-            time.sleep(0.2)
+        args += ["--dtype", a.dtype]
+    with ServerProcess([a.model_dir], *args) as server:
+        url = server.url
         asyncio.run(run_level(url, 2, 3, 8))  # warm-up
         print(f"cairn serve {a.model_dir}: {a.threads} threads, max-concurrency {a.max_concurrency}, "
               f"{a.max_tokens} tokens per request, {a.duration:.0f} s per level (clients share the machine)")
@@ -123,9 +106,6 @@ def main():
                   f"{r['ttft_p99_ms']:>8.0f}{r['itl_p50_ms']:>9.1f}{r['itl_p99_ms']:>8.1f}{r['errors']:>8}")
         if 1 in rows and 16 in rows:
             print(f"aggregate tokens/s, 16 clients / 1 client: {rows[16]['tokens_per_s'] / rows[1]['tokens_per_s']:.2f}x")
-    finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=30)
 
 
 if __name__ == "__main__":
