@@ -228,6 +228,7 @@ class Engine:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         if seq.slot is not None:
+            self.runner.free(seq.slot)
             self.free_slots.append(seq.slot)
             self.free_slots.sort()
             seq.slot = None

@@ -38,6 +38,10 @@ class Runner(Protocol):
         """Logits (len(chunks), V), float32, for the last token of each chunk."""
         ...
 
+    def free(self, slot: int) -> None:
+        """The sequence in `slot` ended: its history need not be kept."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -148,6 +152,9 @@ class LocalRunner:
             ctx = PackedContext(cache, chunks, self.cos, self.sin, self.cfg.sliding_window)
             x = stage(x, ctx, logits_rows=last if stage.is_last else None)
         return x
+
+    def free(self, slot: int) -> None:
+        pass
 
     def close(self) -> None:
         self.caches = []

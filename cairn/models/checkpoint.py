@@ -78,6 +78,67 @@ def _hf_names(cfg: ModelConfig, layers: LayerRange, first: bool, last: bool) -> 
     return out
 
 
+def stage_tensor_names(cfg: ModelConfig, layers: LayerRange) -> list[str]:
+    """HF tensor names a stage over `layers` needs (what to ship to a pool node that has no copy)."""
+    names = _hf_names(cfg, layers, layers.start == 0, layers.end == cfg.num_layers)
+    return list(dict.fromkeys(n for srcs in names.values() for n in srcs))
+
+
+def read_tensors(model_dir: str | Path, names: list[str]) -> dict[str, torch.Tensor]:
+    """Read the named HF tensors from a checkpoint directory (only the files that hold them are opened)."""
+    model_dir = Path(model_dir)
+    files = weight_map(model_dir)
+    by_file: dict[str, list[str]] = {}
+    for n in names:
+        if n not in files:
+            raise ModelLoadError(f"tensor {n!r} is missing from the checkpoint in {model_dir}")
+        by_file.setdefault(files[n], []).append(n)
+    out: dict[str, torch.Tensor] = {}
+    for fname, wanted in by_file.items():
+        with _open(model_dir / fname) as f:
+            for n in wanted:
+                try:
+                    out[n] = f.get_tensor(n)
+                except (SafetensorError, KeyError) as e:
+                    raise ModelLoadError(f"tensor {n!r} in {model_dir / fname} cannot be read: {e}") from None
+    return out
+
+
+def build_stage(
+    cfg: ModelConfig,
+    layers: LayerRange,
+    tensors: dict[str, torch.Tensor],
+    *,
+    dtype: str | None = None,
+    device: str | torch.device = "cpu",
+    source: str = "the checkpoint",
+) -> LlamaStage:
+    """Build the stage for `layers` from HF-named tensors (fusing q/k/v and gate/up)."""
+    torch_dtype = TORCH_DTYPES[dtype or cfg.dtype]
+    with torch.device("meta"):
+        stage = LlamaStage(cfg, layers)
+    expected = {k: tuple(v.shape) for k, v in stage.state_dict().items()}
+    state: dict[str, torch.Tensor] = {}
+    for name, sources in _hf_names(cfg, layers, stage.is_first, stage.is_last).items():
+        missing = [src for src in sources if src not in tensors]
+        if missing:
+            raise ModelLoadError(f"tensor {missing[0]!r} is missing from {source}")
+        parts = [tensors[src] for src in sources]
+        t = parts[0] if len(parts) == 1 else torch.cat(parts, 0)
+        if tuple(t.shape) != expected[name]:
+            raise ModelLoadError(
+                f"tensor {sources[0]!r} has shape {tuple(parts[0].shape)}, which does not match config.json "
+                f"(fused {name} expects {expected[name]})"
+            )
+        state[name] = t.to(device=device, dtype=torch_dtype)
+    stage.load_state_dict(state, strict=False, assign=True)
+    stage.tie_weights()
+    missing = [n for n, p in stage.named_parameters() if p.is_meta]
+    if missing:
+        raise ModelLoadError(f"{source} gave no value for {missing[:3]}")
+    return stage.eval().requires_grad_(False)
+
+
 def load_stage(
     model_dir: str | Path,
     cfg: ModelConfig,
@@ -87,44 +148,9 @@ def load_stage(
     device: str | torch.device = "cpu",
 ) -> LlamaStage:
     """Build the stage for `layers` (whole model by default) with only its tensors read from disk."""
-    model_dir = Path(model_dir)
     layers = layers or LayerRange(0, cfg.num_layers)
-    torch_dtype = TORCH_DTYPES[dtype or cfg.dtype]
-    with torch.device("meta"):
-        stage = LlamaStage(cfg, layers)
-    expected = {k: tuple(v.shape) for k, v in stage.state_dict().items()}
-    files = weight_map(model_dir)
-    handles: dict[str, object] = {}
-    state: dict[str, torch.Tensor] = {}
-    try:
-        for name, sources in _hf_names(cfg, layers, stage.is_first, stage.is_last).items():
-            parts = []
-            for src in sources:
-                if src not in files:
-                    raise ModelLoadError(f"tensor {src!r} is missing from the checkpoint in {model_dir}")
-                fname = files[src]
-                if fname not in handles:
-                    handles[fname] = _open(model_dir / fname).__enter__()
-                try:
-                    parts.append(handles[fname].get_tensor(src))
-                except (SafetensorError, KeyError) as e:
-                    raise ModelLoadError(f"tensor {src!r} in {model_dir / fname} cannot be read: {e}") from None
-            t = parts[0] if len(parts) == 1 else torch.cat(parts, 0)
-            if tuple(t.shape) != expected[name]:
-                raise ModelLoadError(
-                    f"tensor {sources[0]!r} has shape {tuple(parts[0].shape)}, which does not match config.json "
-                    f"(fused {name} expects {expected[name]})"
-                )
-            state[name] = t.to(device=device, dtype=torch_dtype)
-    finally:
-        for h in handles.values():
-            h.__exit__(None, None, None)
-    stage.load_state_dict(state, strict=False, assign=True)
-    stage.tie_weights()
-    missing = [n for n, p in stage.named_parameters() if p.is_meta]
-    if missing:
-        raise ModelLoadError(f"checkpoint in {model_dir} gave no value for {missing[:3]}")
-    return stage.eval().requires_grad_(False)
+    tensors = read_tensors(model_dir, stage_tensor_names(cfg, layers))
+    return build_stage(cfg, layers, tensors, dtype=dtype, device=device, source=f"the checkpoint in {model_dir}")
 
 
 def to_hf_state_dict(stage: LlamaStage) -> dict[str, torch.Tensor]:
