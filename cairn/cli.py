@@ -67,16 +67,36 @@ def _sampling(max_tokens, temperature, top_p, top_k, seed, stop, repetition_pena
                           ignore_eos=ignore_eos)
 
 
+def _load_llm(model_dir: str, config, pool: str | None = None, token: str | None = None, wire_dtype: str = "fp32",
+              name: str | None = None):
+    """A local LLM, or one whose model is placed across the pool at `pool`."""
+    from cairn.engine.api import LLM, resolve_dtype
+
+    if pool is None:
+        return LLM(model_dir, config)
+    from cairn.config import ModelConfig
+    from cairn.pool.control import connect
+    from cairn.pool.ray_backend import PipelineRunner
+
+    cfg = ModelConfig.from_hf_dir(model_dir)
+    connect(pool, _pool_token(token))
+    max_context = min(cfg.max_position_embeddings, config.max_context or 4096)
+    runner = PipelineRunner(model_dir, cfg, max_seqs=config.max_seqs, max_context=max_context,
+                            dtype=resolve_dtype(cfg, config), max_batch_tokens=config.max_batch_tokens,
+                            wire=wire_dtype, threads=config.threads, name=name)
+    return LLM(model_dir, config, runner=runner)
+
+
 def generate(model_dir: str, prompt: str, max_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
              top_k: int = 0, seed: int | None = None, stop: list[str] | None = None, repetition_penalty: float = 1.0,
              ignore_eos: bool = False, json_out: bool = False, device: str = "cpu", dtype: str | None = None,
-             threads: int | None = None) -> int:
+             threads: int | None = None, pool: str | None = None, token: str | None = None,
+             wire_dtype: str = "fp32") -> int:
     """Print the model's continuation of --prompt, streamed as it is generated (greedy unless --temperature > 0).
-    --json prints one object instead: tokens, text, finish reason and timing."""
-    from cairn.engine.api import LLM
-
+    --json prints one object instead: tokens, text, finish reason and timing. --pool ADDRESS runs the model across
+    the pool's devices."""
     params = _sampling(max_tokens, temperature, top_p, top_k, seed, stop, repetition_penalty, ignore_eos=ignore_eos)
-    with LLM(model_dir, _engine_config(device, dtype, threads, max_seqs=1)) as llm:
+    with _load_llm(model_dir, _engine_config(device, dtype, threads, max_seqs=1), pool, token, wire_dtype) as llm:
         t0 = time.perf_counter()
         handle = llm.submit(prompt, params)
         tokens, text, first, finish = [], [], None, None
@@ -150,16 +170,18 @@ def _with_max(params, max_tokens):
 def serve(model_dirs: list[str], host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_concurrency: int = 16, max_queue: int = 256, max_context: int | None = None,
           served_name: list[str] | None = None, device: str = "cpu", dtype: str | None = None,
-          threads: int | None = None) -> int:
+          threads: int | None = None, pool: str | None = None, token: str | None = None,
+          wire_dtype: str = "fp32") -> int:
     """Serve local models over an OpenAI-compatible API: /v1/models, /v1/chat/completions, /v1/completions
     (streaming too), /health and /metrics. --api-key (or CAIRN_API_KEY) makes /v1 require 'Bearer KEY'.
-    --max-concurrency sequences decode together per model; beyond --max-queue waiting requests, 429."""
+    --max-concurrency sequences decode together per model; beyond --max-queue waiting requests, 429.
+    --pool ADDRESS places each model across the pool's devices (token: --token or $CAIRN_POOL_TOKEN) and keeps
+    serving when a device disappears."""
     import os
 
     import uvicorn
 
     from cairn.config import EngineConfig
-    from cairn.engine.api import LLM
     from cairn.serve.app import create_app
 
     names = served_name or [Path(d).resolve().name for d in model_dirs]
@@ -174,12 +196,111 @@ def serve(model_dirs: list[str], host: str = "127.0.0.1", port: int = 8000, api_
     config = EngineConfig(device=device, dtype=dtype, threads=threads, max_seqs=max_concurrency,
                           max_queue=max_queue, max_context=max_context)
 
+    if pool is not None:
+        from cairn.pool.control import connect
+
+        connect(pool, _pool_token(token))  # a wrong token fails here, before the port is bound
+
     def load():
-        return {n: LLM(d, config) for n, d in zip(names, model_dirs)}
+        return {n: _load_llm(d, config, pool, token, wire_dtype, n) for n, d in zip(names, model_dirs)}
 
     app = create_app(loader=load, api_key=api_key or os.environ.get("CAIRN_API_KEY") or None)
     print(f"cairn: serving {', '.join(names)} on http://{host}:{port}/v1", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
+    return 0
+
+
+def _pool_paths():
+    import os
+
+    from cairn.pool.control import PoolPaths
+
+    return PoolPaths(Path(os.environ.get("CAIRN_HOME") or Path.home() / ".cairn") / "pool")
+
+
+def _pool_token(token: str | None) -> str | None:
+    import os
+
+    return token or os.environ.get("CAIRN_POOL_TOKEN") or None
+
+
+def pool_start(port: int = 6380, host: str = "127.0.0.1", device: str | None = "cpu", memory: str | None = None,
+               no_device: bool = False, num_cpus: int | None = None) -> int:
+    """Start a pool head (a Ray head with token authentication on) on this machine, offering its device too unless
+    --no-device. Prints the address and the join token; `cairn pool token` prints the token again."""
+    from cairn.pool import control
+
+    state = control.start(_pool_paths(), host, port, None if no_device else device, memory, num_cpus)
+    token = _pool_paths().token.read_text().strip()
+    print(f"pool started at {state['address']}")
+    print(f"join with: cairn pool join {state['address']} --token {token}")
+    return 0
+
+
+def pool_token() -> int:
+    """Print the join token of the pool started on this machine."""
+    path = _pool_paths().token
+    if not path.is_file():
+        raise UserError(f"no pool was started from this machine ({path} is missing); cairn pool start first")
+    print(path.read_text().strip())
+    return 0
+
+
+def pool_join(address: str, token: str | None = None, host: str = "127.0.0.1", device: str = "cpu",
+              memory: str | None = None, num_cpus: int | None = None) -> int:
+    """Join the pool at ADDRESS as a node offering one device with a memory budget (e.g. --memory 6GiB). The device
+    is measured (matmul throughput, memory bandwidth) and declared; a wrong or missing token is refused."""
+    from cairn.pool import control
+
+    state = control.join(_pool_paths(), address, _pool_token(token) or "", host, device, memory, num_cpus)
+    print(f"joined {address} as {state['name']}: {device}, budget {state['memory'] / 2**30:.2f} GiB, "
+          f"{state['bandwidth'] / 1e9:.1f} GB/s, {state['flops'] / 1e9:.1f} GFLOP/s")
+    return 0
+
+
+def pool_status(address: str | None = None, token: str | None = None, json_out: bool = False) -> int:
+    """Every node and device of the pool: kind, memory budget, measured speed, health, and which layers of which
+    model it runs."""
+    import json as _json
+
+    from cairn.pool import control
+
+    paths = _pool_paths()
+    if address is None:
+        if not paths.head.is_file():
+            raise UserError("give the pool --address (no pool was started from this machine)")
+        address = _json.loads(paths.head.read_text())["address"]
+    token = _pool_token(token) or (paths.token.read_text().strip() if paths.token.is_file() else None)
+    control.connect(address, token)
+    st = control.status()
+    if json_out:
+        print(_json.dumps(st, indent=2))
+        return 0
+    print(f"pool {address}: {sum(n['alive'] for n in st['nodes'])} node(s) alive")
+    for n in st["nodes"]:
+        d = n["device"]
+        dev = "no device" if d is None else (f"{d['kind']}, {d['memory_bytes'] / 2**30:.2f} GiB, "
+                                             f"{d['bandwidth_gbs']:.1f} GB/s, {d['gflops']:.1f} GFLOP/s")
+        run = "; ".join(f"{r['model']} layers {r['layers']}" for r in n["running"]) or "idle"
+        print(f"  {n['node_id'][:12]} {n['address']} {'head ' if n['is_head'] else ''}"
+              f"{'alive' if n['alive'] else 'DEAD'}: {dev}; {run}")
+    return 0
+
+
+def pool_leave(name: str | None = None) -> int:
+    """Take the node(s) this machine joined out of the pool."""
+    from cairn.pool import control
+
+    gone = control.leave(_pool_paths(), name)
+    print(f"left: {', '.join(gone) if gone else 'no node was joined from this machine'}")
+    return 0
+
+
+def pool_stop() -> int:
+    """Stop the pool head started on this machine (and any node it joined)."""
+    from cairn.pool import control
+
+    print("pool stopped" if control.stop(_pool_paths()) else "no pool head was running from this machine")
     return 0
 
 
@@ -192,6 +313,12 @@ class Arg:
 def arg(*flags: str, **kwargs) -> Arg:
     return Arg(flags, kwargs)
 
+
+_POOL = [
+    arg("--pool", default=None, metavar="ADDRESS", help="run across the pool at ADDRESS (cairn pool start)"),
+    arg("--token", default=None, help="the pool's token (default: $CAIRN_POOL_TOKEN)"),
+    arg("--wire-dtype", choices=["fp32", "bf16", "int8"], default="fp32", help="activations between stages"),
+]
 
 _RUNTIME = [
     arg("--device", default="cpu", help="cpu, cuda or cuda:N"),
@@ -221,6 +348,7 @@ COMMANDS: dict[str, tuple[Callable[..., int], list[Arg]]] = {
         arg("--ignore-eos", action="store_true", help="keep going past end-of-sequence tokens"),
         arg("--json", dest="json_out", action="store_true", help="print tokens, text, finish reason and timing as JSON"),
         *_RUNTIME,
+        *_POOL,
     ]),
     "chat": (chat, [
         arg("model_dir"),
@@ -241,7 +369,32 @@ COMMANDS: dict[str, tuple[Callable[..., int], list[Arg]]] = {
         arg("--max-context", type=int, default=None, help="cap on prompt + output tokens"),
         arg("--served-name", action="append", default=None, help="name clients use (one per model)"),
         *_RUNTIME,
+        *_POOL,
     ]),
+    "pool start": (pool_start, [
+        arg("--port", type=int, default=6380),
+        arg("--host", default="127.0.0.1", help="address this node binds to and announces"),
+        arg("--device", default="cpu", help="device the head offers (cpu, cuda:0)"),
+        arg("--memory", default=None, help="memory budget for that device, e.g. 6GiB (default: 80%% of free)"),
+        arg("--no-device", action="store_true", help="the head coordinates only"),
+        arg("--num-cpus", type=int, default=None),
+    ]),
+    "pool token": (pool_token, []),
+    "pool join": (pool_join, [
+        arg("address"),
+        arg("--token", default=None, help="the pool's token (default: $CAIRN_POOL_TOKEN)"),
+        arg("--host", default="127.0.0.1", help="address this node binds to and announces"),
+        arg("--device", default="cpu"),
+        arg("--memory", default=None, help="memory budget, e.g. 6GiB (default: 80%% of free)"),
+        arg("--num-cpus", type=int, default=None),
+    ]),
+    "pool status": (pool_status, [
+        arg("--address", default=None),
+        arg("--token", default=None),
+        arg("--json", dest="json_out", action="store_true"),
+    ]),
+    "pool leave": (pool_leave, [arg("--name", default=None, help="one node (as printed by join)")]),
+    "pool stop": (pool_stop, []),
 }
 
 
@@ -253,9 +406,17 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="cairn", description="Build, adapt and serve language models on the hardware you own.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    groups: dict[str, argparse._SubParsersAction] = {}
     for name, (fn, args) in COMMANDS.items():
         doc = (fn.__doc__ or "").strip()
-        p = sub.add_parser(name, help=doc.split(".")[0], description=doc)
+        where = sub
+        if " " in name:  # two-word commands: cairn pool start
+            group, name = name.split(" ", 1)
+            if group not in groups:
+                groups[group] = sub.add_parser(group, help=f"{group} commands").add_subparsers(
+                    dest="subcommand", required=True, parser_class=_Parser)
+            where = groups[group]
+        p = where.add_parser(name, help=doc.split(". ")[0], description=doc)
         for a in args:
             p.add_argument(*a.flags, **a.kwargs)
         p.set_defaults(_fn=fn)
@@ -266,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = vars(build_parser().parse_args(argv))
     fn = ns.pop("_fn")
     ns.pop("command")
+    ns.pop("subcommand", None)
     try:
         return fn(**ns)
     except UserError as e:

@@ -42,3 +42,10 @@ class ContextLengthError(UserError):
 
 class EngineClosedError(CairnError):
     """The engine was shut down while a request was pending."""
+
+
+class CapacityError(UserError):
+    """The devices available cannot hold the model; retry when capacity returns (HTTP 503)."""
+
+    code = "insufficient_capacity"
+    http_status = 503

@@ -21,7 +21,7 @@ import torch
 from cairn.config import EngineConfig, ModelConfig, SamplingParams
 from cairn.engine.engine import Completion, Engine, Event, QueueFullError
 from cairn.engine.runner import LocalRunner, Runner
-from cairn.errors import EngineClosedError, UserError
+from cairn.errors import CairnError, CapacityError, EngineClosedError, UserError
 from cairn.models.checkpoint import load_stage
 from cairn.models.tokenizer import Tokenizer
 
@@ -87,6 +87,8 @@ def _collect(h: RequestHandle, events: list[Event]) -> Completion:
     tokens = [e.token_id for e in events if e.token_id is not None]
     last = events[-1]
     if last.error:
+        if last.error_status == 503:
+            raise CapacityError(last.error)
         raise RuntimeError(f"request {h.id} failed: {last.error}")
     return Completion(
         request_id=h.id,
@@ -217,8 +219,9 @@ class LLM:
                 continue
             try:
                 self.engine.step()
-            except Exception as e:  # a bug or a device failure: fail the requests, keep the thread alive
-                self.engine.fail_all(f"{type(e).__name__}: {e}")
+            except Exception as e:  # a device failure beyond recovery, or a bug: fail the requests, keep the thread
+                self.engine.fail_all(str(e) if isinstance(e, CairnError) else f"{type(e).__name__}: {e}",
+                                     getattr(e, "http_status", 500))
         self._drain_inbox()
         self.engine.fail_all("the engine was shut down")
 

@@ -54,6 +54,8 @@ class Event:
     logprob: TokenLogprob | None = None
     finish_reason: FinishReason | None = None
     error: str | None = None
+    error_status: int | None = None
+    """HTTP status that fits the error (503 when capacity is gone, 500 otherwise)."""
 
 
 @dataclass
@@ -218,9 +220,9 @@ class Engine:
             self._release(seq)
         seq.sink(Event(seq.id, token, text, lp, finish))
 
-    def _finish(self, seq: Sequence, reason: FinishReason, error: str | None = None) -> None:
+    def _finish(self, seq: Sequence, reason: FinishReason, error: str | None = None, status: int | None = None) -> None:
         self._release(seq)
-        seq.sink(Event(seq.id, None, "", None, reason, error))
+        seq.sink(Event(seq.id, None, "", None, reason, error, status))
 
     def _release(self, seq: Sequence) -> None:
         if seq in self.running:
@@ -233,7 +235,7 @@ class Engine:
             self.free_slots.sort()
             seq.slot = None
 
-    def fail_all(self, message: str) -> None:
+    def fail_all(self, message: str, status: int = 500) -> None:
         """End every request with an error (the runner failed beyond recovery)."""
         for seq in list(self.waiting) + self.running:
-            self._finish(seq, "error", message)
+            self._finish(seq, "error", message, status)

@@ -11,7 +11,7 @@ import itertools
 from dataclasses import dataclass
 
 from cairn.config import ModelConfig
-from cairn.errors import UserError
+from cairn.errors import CapacityError
 from cairn.types import LayerRange
 
 GiB = 1024**3
@@ -86,10 +86,8 @@ class Placement:
                          for s in self.stages)
 
 
-class PlacementError(UserError):
+class PlacementError(CapacityError):
     """The pool cannot hold the model."""
-
-    code = "insufficient_capacity"
 
 
 def _stage_cost(shape: ModelShape, dev: DeviceSpec, layers: LayerRange) -> tuple[int, float]:

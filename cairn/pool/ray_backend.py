@@ -114,6 +114,44 @@ class StageActor:
         return {"bytes_out": self.bytes_out}
 
 
+@ray.remote(num_cpus=0)
+class PlacementBoard:
+    """Which layers of which served model run on which node, for `cairn pool status`."""
+
+    def __init__(self):
+        self.boards: dict[str, list[dict]] = {}
+
+    def put(self, key: str, stages: list[dict]) -> None:
+        self.boards[key] = stages
+
+    def drop(self, key: str) -> None:
+        self.boards.pop(key, None)
+
+    def get(self) -> dict:
+        return dict(self.boards)
+
+
+def _board():
+    return PlacementBoard.options(name="cairn-placements", namespace=NAMESPACE, get_if_exists=True,
+                                  lifetime="detached").remote()
+
+
+def placements() -> dict[str, list[dict]]:
+    try:
+        return ray.get(_board().get.remote(), timeout=10)
+    except (RayError, GetTimeoutError):
+        return {}
+
+
+def _publish(key: str, stages: list[dict] | None) -> None:
+    """Best effort: status display must never break serving."""
+    try:
+        board = _board()
+        ray.get(board.put.remote(key, stages) if stages is not None else board.drop.remote(key), timeout=10)
+    except (RayError, GetTimeoutError) as e:
+        log.warning("could not publish placement: %s", e)
+
+
 @dataclass
 class PipelineStats:
     steps: int = 0
@@ -129,12 +167,14 @@ class PipelineRunner:
 
     def __init__(self, model_dir: str | Path, cfg: ModelConfig, *, max_seqs: int, max_context: int, dtype: str,
                  max_batch_tokens: int = 256, wire: str = "fp32", weights: str = "auto", threads: int | None = None,
-                 step_timeout: float = 60.0, load_timeout: float = 300.0, max_recoveries: int = 3):
+                 step_timeout: float = 60.0, load_timeout: float = 300.0, max_recoveries: int = 3,
+                 name: str | None = None):
         if wire not in wirefmt.WIRE_DTYPES:
             raise ValueError(f"wire dtype must be one of {wirefmt.WIRE_DTYPES}, got {wire!r}")
         if weights not in ("auto", "ship", "local"):
             raise ValueError(f"weights must be auto, ship or local, got {weights!r}")
         self.model_dir, self.cfg = str(model_dir), cfg
+        self.name = name or Path(model_dir).name
         self.max_seqs, self.max_context, self.dtype = max_seqs, max_context, dtype
         self.max_batch_tokens, self.wire, self.weights, self.threads = max_batch_tokens, wire, weights, threads
         self.step_timeout, self.load_timeout, self.max_recoveries = step_timeout, load_timeout, max_recoveries
@@ -172,6 +212,8 @@ class PipelineRunner:
         self.actor_nodes = ray.get([a.ready.remote() for a in actors], timeout=self.load_timeout)
         self.placement = placement
         self.stats.placements.append(placement.describe())
+        _publish(self.name, [{"node_id": n, "start": st.layers.start, "end": st.layers.end}
+                             for n, st in zip(self.actor_nodes, placement.stages)])
         log.info("placed %s", placement.describe())
 
     def _kill_actors(self) -> None:
@@ -248,6 +290,7 @@ class PipelineRunner:
 
     def close(self) -> None:
         self._kill_actors()
+        _publish(self.name, None)
 
 
 def _has_local_copy(dev: PoolDevice, model_dir: str) -> bool:

@@ -257,6 +257,8 @@ async def _events(name: str, h: RequestHandle, metrics: Metrics) -> AsyncIterato
             last = now
             metrics.generation_tokens.labels(name).inc()
         if ev.error:
+            if ev.error_status == 503:
+                raise APIError(503, ev.error, "server_error", code="insufficient_capacity", headers={"Retry-After": "5"})
             raise APIError(500, f"generation failed: {ev.error}", "server_error")
         yield ev
 

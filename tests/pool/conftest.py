@@ -1,5 +1,8 @@
 import os
+import shutil
 import socket
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -21,7 +24,7 @@ def ray_cluster(tmp_path_factory):
 
     from cairn.pool.ray_backend import device_resources
 
-    tmp = tmp_path_factory.mktemp("ray")
+    tmp = Path(tempfile.mkdtemp(prefix="cr", dir="/tmp"))  # short: Ray's socket paths must stay under 107 bytes
     (tmp / "ray").mkdir()
     os.environ["RAY_TMPDIR"] = str(tmp)
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
@@ -38,3 +41,4 @@ def ray_cluster(tmp_path_factory):
     yield cluster, nodes
     ray.shutdown()
     cluster.shutdown()
+    shutil.rmtree(tmp, ignore_errors=True)

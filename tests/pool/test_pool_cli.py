@@ -1,0 +1,95 @@
+"""`cairn pool ...` and `cairn serve --pool` as a user runs them: subprocesses, their PIDs, 127.0.0.1 only."""
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+import subprocess
+import sys
+
+import pytest
+
+from cairn.serve.launch import ServerProcess, free_port
+from tests.pool.conftest import loopback_only
+
+openai = pytest.importorskip("openai")
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory):
+    if not loopback_only():
+        pytest.skip("pool tests run only in a loopback-only network namespace (scripts/test.sh as root)")
+    home = tmp_path_factory.mktemp("cairn-home")
+    ray_tmp = tempfile.mkdtemp(prefix="cr", dir="/tmp")  # short: Ray's socket paths must stay under 107 bytes
+    (Path(ray_tmp) / "ray").mkdir()
+    env = dict(os.environ, CAIRN_HOME=str(home), HOME=str(home), RAY_TMPDIR=ray_tmp)
+    for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_ADDRESS"):
+        env.pop(k, None)
+
+    def cairn(*args, extra_env=None):
+        return subprocess.run([sys.executable, "-m", "cairn", *map(str, args)], capture_output=True, text=True,
+                              env=env | (extra_env or {}), timeout=300)
+
+    port = free_port()
+    r = cairn("pool", "start", "--port", port, "--no-device", "--num-cpus", 1)
+    assert r.returncode == 0, r.stderr
+    token = cairn("pool", "token").stdout.strip()
+    address = f"127.0.0.1:{port}"
+    try:
+        yield cairn, address, token, env
+    finally:
+        cairn("pool", "stop")
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_join_needs_the_right_token(pool):
+    cairn, address, token, _ = pool
+    r = cairn("pool", "join", address, "--memory", "15MB", "--num-cpus", 1)
+    assert r.returncode == 2 and "needs its token" in r.stderr
+    r = cairn("pool", "join", address, "--token", "0" * 64, "--memory", "15MB", "--num-cpus", 1)
+    assert r.returncode == 2 and "refused" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_serve_across_the_pool_then_lose_and_regain_capacity(pool, model_factory, tiny_model):
+    cairn, address, token, env = pool
+    model = model_factory("llama", shape="small")  # ~24 MB with 4 x 256 KV cache: two 15 MB nodes needed
+    names = []
+    for _ in range(2):
+        r = cairn("pool", "join", address, "--token", token, "--memory", "15MB", "--num-cpus", 1)
+        assert r.returncode == 0, r.stderr
+        names.append(r.stdout.split(" as ")[1].split(":")[0])
+    st = json.loads(cairn("pool", "status", "--json").stdout)
+    devices = [n["device"] for n in st["nodes"] if n["alive"] and n["device"]]
+    assert sorted(d["memory_bytes"] for d in devices) == [15 * 10**6, 15 * 10**6]
+
+    from cairn.config import EngineConfig, SamplingParams
+    from cairn.engine.api import LLM
+
+    with LLM(model, EngineConfig(max_seqs=4, max_context=256)) as local:
+        want = local.submit("The river", SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)).result()
+
+    server = ServerProcess([model], "--pool", address, "--served-name", "m", "--max-concurrency", "4",
+                           "--max-context", "256", env=env | {"CAIRN_POOL_TOKEN": token}, timeout=180)
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+        r = client.completions.create(model="m", prompt="The river", max_tokens=12, temperature=0,
+                                      extra_body={"ignore_eos": True})
+        assert r.choices[0].text == want.text
+        st = json.loads(cairn("pool", "status", "--json").stdout)
+        layers = sorted(run["layers"] for n in st["nodes"] for run in n["running"] if run["model"] == "m")
+        assert len(layers) == 2 and layers[0].startswith("[0,")
+
+        assert cairn("pool", "leave", "--name", names[0]).returncode == 0
+        with pytest.raises(openai.APIStatusError) as e:
+            client.completions.create(model="m", prompt="The river", max_tokens=12, temperature=0)
+        assert e.value.status_code == 503 and e.value.body["code"] == "insufficient_capacity"
+        assert "needs at least" in e.value.body["message"]
+
+        assert cairn("pool", "join", address, "--token", token, "--memory", "15MB", "--num-cpus", 1).returncode == 0
+        r = client.completions.create(model="m", prompt="The river", max_tokens=12, temperature=0,
+                                      extra_body={"ignore_eos": True})
+        assert r.choices[0].text == want.text
+    finally:
+        server.stop()
+        cairn("pool", "leave")
