@@ -34,6 +34,9 @@ RES_BANDWIDTH_MBS = "cairn_bandwidth_mbs"  # measured read bandwidth, MB/s
 RES_MFLOPS = "cairn_mflops"  # measured fp32 matmul throughput, MFLOP/s
 RES_CUDA = "cairn_cuda"  # 1 when the device is a GPU
 NAMESPACE = "cairn"
+# Stage processes: OpenMP threads sleep when idle instead of spinning, so a stage that has finished its part of a
+# step does not steal the cores of the next stage when several stages share a machine.
+STAGE_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 def device_resources(memory: int, bandwidth: float, flops: float, cuda: bool) -> dict[str, float]:
@@ -86,6 +89,11 @@ class StageActor:
         self.cache = KVCache(cfg, self.stage, max_seqs, max_context, self.dtype, self.device)
         self.cos, self.sin = rotary_tables(cfg, max_context, self.device)
         self.bytes_out = 0
+        self.next = None
+
+    def set_next(self, handle) -> None:
+        """The actor of the following stage: activations go to it directly, never through the driver."""
+        self.next = handle
 
     def ready(self) -> str:
         return ray.get_runtime_context().get_node_id()
@@ -108,7 +116,7 @@ class StageActor:
             return out.cpu()  # (n_chunks, V) float32
         payload = wirefmt.encode(out.cpu(), self.wire)
         self.bytes_out += wirefmt.nbytes(payload)
-        return payload
+        return self.next.forward.remote(chunks, payload)  # a ref to the rest of the pipeline's result
 
     def stats(self) -> dict:
         return {"bytes_out": self.bytes_out}
@@ -168,7 +176,7 @@ class PipelineRunner:
     def __init__(self, model_dir: str | Path, cfg: ModelConfig, *, max_seqs: int, max_context: int, dtype: str,
                  max_batch_tokens: int = 256, wire: str = "fp32", weights: str = "auto", threads: int | None = None,
                  step_timeout: float = 60.0, load_timeout: float = 300.0, max_recoveries: int = 3,
-                 name: str | None = None):
+                 name: str | None = None, nodes: set[str] | None = None):
         if wire not in wirefmt.WIRE_DTYPES:
             raise ValueError(f"wire dtype must be one of {wirefmt.WIRE_DTYPES}, got {wire!r}")
         if weights not in ("auto", "ship", "local"):
@@ -182,6 +190,7 @@ class PipelineRunner:
                                             max_batch_tokens)
         self.history: dict[int, list[int]] = {}  # slot -> tokens whose keys/values the stages hold
         self.banned: set[str] = set()  # node ids whose actors died
+        self.nodes = nodes  # restrict placement to these node ids (None: every device in the pool)
         self.actors: list = []
         self.actor_nodes: list[str] = []
         self.placement: Placement | None = None
@@ -190,7 +199,8 @@ class PipelineRunner:
 
     # ----- placement
     def plan(self) -> tuple[Placement, dict[str, PoolDevice]]:
-        devices = {d.spec.id: d for d in pool_devices(self.banned)}
+        devices = {d.spec.id: d for d in pool_devices(self.banned)
+                   if self.nodes is None or d.node_id in self.nodes}
         return partition(self.shape, [d.spec for d in devices.values()]), devices
 
     def _place_and_load(self) -> None:
@@ -204,12 +214,13 @@ class PipelineRunner:
                 names = stage_tensor_names(self.cfg, st.layers)
                 tensors = ray.put(read_tensors(self.model_dir, names))
             opts = dict(scheduling_strategy=NodeAffinitySchedulingStrategy(dev.node_id, soft=False),
-                        num_gpus=1 if dev.cuda else 0)
+                        num_gpus=1 if dev.cuda else 0, runtime_env={"env_vars": STAGE_ENV})
             actors.append(StageActor.options(**opts).remote(
                 self.cfg.to_hf_dict(), st.layers.start, st.layers.end, tensors, self.model_dir,
                 "cuda" if dev.cuda else "cpu", self.dtype, self.max_seqs, self.max_context, self.wire, self.threads))
         self.actors = actors
         self.actor_nodes = ray.get([a.ready.remote() for a in actors], timeout=self.load_timeout)
+        ray.get([a.set_next.remote(b) for a, b in zip(actors, actors[1:])], timeout=self.load_timeout)
         self.placement = placement
         self.stats.placements.append(placement.describe())
         _publish(self.name, [{"node_id": n, "start": st.layers.start, "end": st.layers.end}
@@ -252,10 +263,12 @@ class PipelineRunner:
         return out
 
     def _run(self, chunks: list[Chunk]) -> torch.Tensor:
-        ref = None
-        for a in self.actors:
-            ref = a.forward.remote(chunks, ref)
-        return ray.get(ref, timeout=self.step_timeout)
+        """Send the step to the first stage; each stage forwards to the next; unwrap the last stage's logits."""
+        deadline = time.monotonic() + self.step_timeout
+        out = self.actors[0].forward.remote(chunks, None)
+        while isinstance(out, ray.ObjectRef):
+            out = ray.get(out, timeout=max(0.1, deadline - time.monotonic()))
+        return out
 
     def _replay(self, exclude: dict[int, int]) -> None:
         """Rebuild every live slot's KV cache from its token history, up to where the current step starts."""
