@@ -298,8 +298,8 @@ class PipelineRunner:
         self.history.pop(slot, None)
 
     def wire_bytes(self) -> int:
-        return sum(ray.get([a.stats.remote() for a in self.actors[:-1]], timeout=10)[i]["bytes_out"]
-                   for i in range(len(self.actors) - 1)) if len(self.actors) > 1 else 0
+        """Activation bytes the stages have sent to their successors."""
+        return sum(st["bytes_out"] for st in ray.get([a.stats.remote() for a in self.actors[:-1]], timeout=10))
 
     def close(self) -> None:
         self._kill_actors()
