@@ -182,3 +182,22 @@ def test_stop_string_held_back_until_resolved(tiny_model):
     s = TextStream(tok, stop=("three",))
     shown = "".join(s.push(i) for i in ids) + s.finish()
     assert shown == "one two " and s.stopped
+
+
+def test_reader_loop_gone_does_not_disturb_other_requests(llm):
+    """A handle read from an event loop that has since closed must not break the engine for everyone else."""
+    import asyncio
+
+    h = llm.submit("The engineer", SamplingParams(max_tokens=200, temperature=0, ignore_eos=True))
+
+    async def read_two():
+        n = 0
+        async for _ in h:
+            n += 1
+            if n == 2:
+                return
+
+    asyncio.run(read_two())  # the loop closes while the request keeps generating
+    other = llm.submit("hi", GREEDY).result(timeout=60)
+    assert other.finish_reason == "length" and len(other.token_ids) == 16
+    h.cancel()

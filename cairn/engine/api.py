@@ -47,10 +47,13 @@ class RequestHandle:
         if self.first_token_at is None and ev.token_id is not None:
             self.first_token_at = time.perf_counter()
         with self._lock:
-            if self._loop is not None:
-                self._loop.call_soon_threadsafe(self._aq.put_nowait, ev)
-            else:
+            if self._loop is None:
                 self._q.put(ev)
+                return
+            try:
+                self._loop.call_soon_threadsafe(self._aq.put_nowait, ev)
+            except RuntimeError:  # the reader's event loop has closed: nobody will read this, drop it
+                pass
 
     def __iter__(self) -> Iterator[Event]:
         while not self.done:
@@ -75,9 +78,19 @@ class RequestHandle:
         if not self.done:
             self.llm._cancel(self.id)
 
-    def result(self) -> Completion:
-        """Block until the request finishes; return everything it produced."""
-        return _collect(self, list(self))
+    def result(self, timeout: float | None = None) -> Completion:
+        """Block until the request finishes (TimeoutError after `timeout` seconds); return everything it produced."""
+        if timeout is None:
+            return _collect(self, list(self))
+        deadline, events = time.monotonic() + timeout, []
+        while not self.done:
+            try:
+                ev = self._q.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise TimeoutError(f"request {self.id} did not finish within {timeout} s") from None
+            self.done = ev.finish_reason is not None
+            events.append(ev)
+        return _collect(self, events)
 
     async def aresult(self) -> Completion:
         return _collect(self, [ev async for ev in self])
