@@ -53,6 +53,21 @@ def _read_corpus(path: Path) -> list[str]:
     return texts
 
 
+def tokenizer_train(corpus: list[str], vocab_size: int, out: str) -> int:
+    """Train a byte-level BPE tokenizer on text files (or .jsonl with a "text" field) and write tokenizer.json
+    and tokenizer_config.json (with a ChatML chat template) in Hugging Face layout to --out."""
+    from cairn.models.tokenizer import train_bpe, write_tokenizer_files
+
+    if vocab_size < 300:
+        raise UserError(f"--vocab-size must be at least 300 (256 bytes + special tokens + merges), got {vocab_size}")
+    texts = [t for path in corpus for t in _read_corpus(Path(path))]
+    tok = train_bpe(texts, vocab_size)
+    write_tokenizer_files(tok, Path(out), model_max_length=2048)
+    print(f"trained a {tok.get_vocab_size()}-token byte-level BPE on {len(texts)} documents from "
+          f"{len(corpus)} file(s); wrote {out}/tokenizer.json")
+    return 0
+
+
 def _engine_config(device: str, dtype: str | None, threads: int | None, max_context: int | None = None, max_seqs: int = 4):
     from cairn.config import EngineConfig
 
@@ -334,6 +349,11 @@ COMMANDS: dict[str, tuple[Callable[..., int], list[Arg]]] = {
         arg("--seed", type=int, default=0),
         arg("--corpus", default=None, help="text file (or .jsonl with a text field) to train the tokenizer on"),
         arg("--dtype", default="float32", choices=["float32", "bfloat16", "float16"]),
+    ]),
+    "tokenizer train": (tokenizer_train, [
+        arg("corpus", nargs="+", metavar="CORPUS"),
+        arg("--vocab-size", type=int, required=True),
+        arg("--out", required=True),
     ]),
     "generate": (generate, [
         arg("model_dir"),

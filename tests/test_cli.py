@@ -87,3 +87,20 @@ def test_serve_answers_the_openai_client_and_stops_on_sigterm(cli_model):
 def test_serve_bad_model_dir_exits_2():
     r = cairn("serve", "/nonexistent/model")
     assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+def test_tokenizer_train_writes_a_tokenizer_transformers_loads(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    a, b = tmp_path / "a.txt", tmp_path / "b.jsonl"
+    a.write_text("\n".join(f"the quick brown fox {i} jumps over the lazy dog" for i in range(200)))
+    b.write_text("\n".join(json.dumps({"text": f"pack my box with {i} dozen liquor jugs"}) for i in range(200)))
+    r = cairn("tokenizer", "train", a, b, "--vocab-size", "400", "--out", tmp_path / "tok")
+    assert r.returncode == 0, r.stderr
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "tok")
+    text = "the lazy fox packs 12 jugs, naïve café"
+    assert tok.decode(tok(text)["input_ids"]) == text
+    assert len(tok("the quick brown fox")["input_ids"]) < len("the quick brown fox")  # merges were learned
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\nnot json\n')
+    r = cairn("tokenizer", "train", bad, "--vocab-size", "400", "--out", tmp_path / "t2")
+    assert r.returncode == 2 and "bad.jsonl:2" in r.stderr
