@@ -56,8 +56,15 @@ class RequestHandle:
                 pass
 
     def __iter__(self) -> Iterator[Event]:
+        return self._events(None)
+
+    def _events(self, timeout: float | None) -> Iterator[Event]:
+        deadline = None if timeout is None else time.monotonic() + timeout
         while not self.done:
-            ev = self._q.get()
+            try:
+                ev = self._q.get(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise TimeoutError(f"request {self.id} did not finish within {timeout} s") from None
             self.done = ev.finish_reason is not None
             yield ev
 
@@ -80,17 +87,7 @@ class RequestHandle:
 
     def result(self, timeout: float | None = None) -> Completion:
         """Block until the request finishes (TimeoutError after `timeout` seconds); return everything it produced."""
-        if timeout is None:
-            return _collect(self, list(self))
-        deadline, events = time.monotonic() + timeout, []
-        while not self.done:
-            try:
-                ev = self._q.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                raise TimeoutError(f"request {self.id} did not finish within {timeout} s") from None
-            self.done = ev.finish_reason is not None
-            events.append(ev)
-        return _collect(self, events)
+        return _collect(self, list(self._events(timeout)))
 
     async def aresult(self) -> Completion:
         return _collect(self, [ev async for ev in self])

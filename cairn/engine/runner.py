@@ -128,36 +128,49 @@ class PackedContext:
         return outs[0] if len(outs) == 1 else torch.cat(outs, 0)
 
 
+class StageExecutor:
+    """One stage with its KV cache and rotary tables: runs that stage's part of a packed step. Both runners are
+    made of these: LocalRunner chains them in this process, a pool stage actor holds one."""
+
+    def __init__(self, stage: LlamaStage, max_seqs: int, max_context: int, fast: bool = True):
+        w = next(stage.parameters())
+        self.device, self.dtype = w.device, w.dtype
+        if fast:
+            pack_linears(stage)
+        self.stage, self.cfg = stage, stage.cfg
+        self.cache = KVCache(self.cfg, stage, max_seqs, max_context, self.dtype, self.device)
+        self.cos, self.sin = rotary_tables(self.cfg, max_context, self.device)
+
+    @torch.inference_mode()
+    def run(self, chunks: list[Chunk], x: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states (N, D) after this stage, or logits (len(chunks), V) of each chunk's last token on the
+        last stage. The first stage takes its input from the chunks' tokens."""
+        if self.stage.is_first:
+            x = torch.tensor([t for c in chunks for t in c.tokens], device=self.device)  # (N,)
+        ctx = PackedContext(self.cache, chunks, self.cos, self.sin, self.cfg.sliding_window)
+        rows = torch.tensor(list(_last_rows(chunks)), device=self.device) if self.stage.is_last else None
+        return self.stage(x, ctx, logits_rows=rows)
+
+
 class LocalRunner:
     """All stages in this process (the default: one machine, no services)."""
 
     def __init__(self, stages: list[LlamaStage], max_seqs: int, max_context: int, fast: bool = True):
+        self.executors = [StageExecutor(s, max_seqs, max_context, fast) for s in stages]
         self.stages = stages
-        if fast:
-            for s in stages:
-                pack_linears(s)
-        self.cfg = stages[0].cfg
         self.max_seqs, self.max_context = max_seqs, max_context
-        w = stages[0].layers[0].input_layernorm.weight if stages[0].layers else stages[0].embed_tokens.weight
-        self.device, self.dtype = w.device, w.dtype
-        self.caches = [KVCache(self.cfg, s, max_seqs, max_context, self.dtype, self.device) for s in stages]
-        self.cos, self.sin = rotary_tables(self.cfg, max_context, self.device)
 
-    @torch.inference_mode()
     def forward(self, chunks: list[Chunk]) -> torch.Tensor:
-        ids = torch.tensor([t for c in chunks for t in c.tokens], device=self.device)  # (N,)
-        last = torch.tensor(list(_last_rows(chunks)), device=self.device)  # (n_chunks,)
-        x = ids
-        for stage, cache in zip(self.stages, self.caches):
-            ctx = PackedContext(cache, chunks, self.cos, self.sin, self.cfg.sliding_window)
-            x = stage(x, ctx, logits_rows=last if stage.is_last else None)
+        x = None
+        for ex in self.executors:
+            x = ex.run(chunks, x)
         return x
 
     def free(self, slot: int) -> None:
         pass
 
     def close(self) -> None:
-        self.caches = []
+        self.executors = []
 
 
 def _last_rows(chunks: list[Chunk]):

@@ -75,12 +75,7 @@ def _terminate(pid: int, wait: float = 15.0) -> bool:
         return False
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-            done = False
-        except ProcessLookupError:
-            done = True
-        if done or _reap(pid):
+        if not _alive(pid) or _reap(pid):
             return True
         time.sleep(0.1)
     try:

@@ -18,10 +18,9 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from cairn.config import ModelConfig
-from cairn.engine.fast import pack_linears
-from cairn.engine.runner import Chunk, KVCache, PackedContext, _last_rows
+from cairn.engine.runner import Chunk, StageExecutor
 from cairn.models.checkpoint import build_stage, load_stage, read_tensors, stage_tensor_names
-from cairn.models.llama import TORCH_DTYPES, rotary_tables
+from cairn.models.llama import TORCH_DTYPES
 from cairn.pool import wire as wirefmt
 from cairn.pool.partition import DeviceSpec, ModelShape, Placement, PlacementError, partition
 from cairn.types import LayerRange
@@ -80,14 +79,11 @@ class StageActor:
         cfg = ModelConfig.from_hf_dict(cfg_dict)
         layers = LayerRange(start, end)
         if tensors is None:
-            self.stage = load_stage(model_dir, cfg, layers, dtype=dtype, device=device)
+            stage = load_stage(model_dir, cfg, layers, dtype=dtype, device=device)
         else:
-            self.stage = build_stage(cfg, layers, tensors, dtype=dtype, device=device, source="the shipped weights")
-        pack_linears(self.stage)
-        self.cfg, self.wire, self.dtype = cfg, wire, TORCH_DTYPES[dtype]
-        self.device = torch.device(device)
-        self.cache = KVCache(cfg, self.stage, max_seqs, max_context, self.dtype, self.device)
-        self.cos, self.sin = rotary_tables(cfg, max_context, self.device)
+            stage = build_stage(cfg, layers, tensors, dtype=dtype, device=device, source="the shipped weights")
+        self.ex = StageExecutor(stage, max_seqs, max_context)
+        self.wire = wire
         self.bytes_out = 0
         self.next = None
 
@@ -103,16 +99,11 @@ class StageActor:
 
         return os.getpid()
 
-    @torch.inference_mode()
     def forward(self, chunks: list[Chunk], x):
-        if self.stage.is_first:
-            x = torch.tensor([t for c in chunks for t in c.tokens], device=self.device)  # (N,)
-        else:
-            x = wirefmt.decode(x, self.dtype).to(self.device)  # (N, D)
-        ctx = PackedContext(self.cache, chunks, self.cos, self.sin, self.cfg.sliding_window)
-        rows = torch.tensor(list(_last_rows(chunks)), device=self.device) if self.stage.is_last else None
-        out = self.stage(x, ctx, logits_rows=rows)
-        if self.stage.is_last:
+        if x is not None:
+            x = wirefmt.decode(x, self.ex.dtype).to(self.ex.device)  # (N, D)
+        out = self.ex.run(chunks, x)
+        if self.ex.stage.is_last:
             return out.cpu()  # (n_chunks, V) float32
         payload = wirefmt.encode(out.cpu(), self.wire)
         self.bytes_out += wirefmt.nbytes(payload)

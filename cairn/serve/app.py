@@ -315,45 +315,46 @@ def _sse(gen: AsyncIterator[dict]) -> StreamingResponse:
     return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-async def _chat_stream(llm, name, handles, rid, created, include_usage, metrics, n):
+async def _stream(name, handles, base, opening, choice, include_usage, metrics, n):
+    """SSE chunks: the opening ones, then one per event that carries text, logprobs or a finish, then usage."""
+    counts = [0] * len(handles)
+    try:
+        for chunk in opening:
+            yield {**base, "choices": [chunk]}
+        async for i, ev in _merged(name, handles, metrics):
+            counts[i] += ev.token_id is not None
+            if ev.text or ev.finish_reason is not None or ev.logprob:
+                yield {**base, "choices": [choice(i, ev)]}
+        if include_usage:
+            yield {**base, "choices": [], "usage": _usage_counts(handles, counts, n)}
+    finally:
+        for h in handles:
+            h.cancel()
+
+
+def _chat_stream(llm, name, handles, rid, created, include_usage, metrics, n):
     base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": name}
-    counts = [0] * len(handles)
-    try:
-        for i in range(len(handles)):
-            yield {**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                        "finish_reason": None, "logprobs": None}]}
-        async for i, ev in _merged(name, handles, metrics):
-            counts[i] += ev.token_id is not None
-            if not ev.text and ev.finish_reason is None and not ev.logprob:
-                continue
-            lp = {"content": [_chat_logprob(llm, ev)]} if ev.logprob else None
-            delta = {"content": ev.text} if ev.text else {}
-            yield {**base, "choices": [{"index": i, "delta": delta, "finish_reason": ev.finish_reason, "logprobs": lp}]}
-        if include_usage:
-            yield {**base, "choices": [], "usage": _usage_counts(handles, counts, n)}
-    finally:
-        for h in handles:
-            h.cancel()
+    opening = [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None, "logprobs": None}
+               for i in range(len(handles))]
+
+    def choice(i, ev):
+        lp = {"content": [_chat_logprob(llm, ev)]} if ev.logprob else None
+        delta = {"content": ev.text} if ev.text else {}
+        return {"index": i, "delta": delta, "finish_reason": ev.finish_reason, "logprobs": lp}
+
+    return _stream(name, handles, base, opening, choice, include_usage, metrics, n)
 
 
-async def _completion_stream(llm, name, handles, rid, created, include_usage, echo, metrics, n):
+def _completion_stream(llm, name, handles, rid, created, include_usage, echo, metrics, n):
     base = {"id": rid, "object": "text_completion", "created": created, "model": name}
-    counts = [0] * len(handles)
-    try:
-        for i, text in enumerate(echo):
-            if text:
-                yield {**base, "choices": [{"index": i, "text": text, "finish_reason": None, "logprobs": None}]}
-        async for i, ev in _merged(name, handles, metrics):
-            counts[i] += ev.token_id is not None
-            if not ev.text and ev.finish_reason is None and not ev.logprob:
-                continue
-            lp = _completion_logprobs(llm, [ev], 0) if ev.logprob else None
-            yield {**base, "choices": [{"index": i, "text": ev.text, "finish_reason": ev.finish_reason, "logprobs": lp}]}
-        if include_usage:
-            yield {**base, "choices": [], "usage": _usage_counts(handles, counts, n)}
-    finally:
-        for h in handles:
-            h.cancel()
+    opening = [{"index": i, "text": text, "finish_reason": None, "logprobs": None}
+               for i, text in enumerate(echo) if text]
+
+    def choice(i, ev):
+        lp = _completion_logprobs(llm, [ev], 0) if ev.logprob else None
+        return {"index": i, "text": ev.text, "finish_reason": ev.finish_reason, "logprobs": lp}
+
+    return _stream(name, handles, base, opening, choice, include_usage, metrics, n)
 
 
 def _token_text(llm: LLM, token_id: int) -> str:
