@@ -68,6 +68,29 @@ def tokenizer_train(corpus: list[str], vocab_size: int, out: str) -> int:
     return 0
 
 
+def train(config: str | None = None, **options) -> int:
+    """Train a model: pretrain on raw text, supervised fine-tuning on chat or alpaca JSONL, or DPO on comparisons;
+    full fine-tuning or LoRA. Options come from CONFIG.yaml (keys as in the README) and flags, flags winning.
+    Writes an HF checkpoint to --out (plus adapter/ under LoRA), resumable checkpoints, metrics.jsonl and loss.png."""
+    from cairn.train.config import TrainConfig
+    from cairn.train.loop import train as run
+
+    if options.pop("no_progress", None):
+        options["progress"] = False
+    run(TrainConfig.build(config, **options))
+    return 0
+
+
+def lora_merge(base: str, adapter: str, out: str, dtype: str | None = None) -> int:
+    """Fold a LoRA adapter (PEFT layout: adapter_config.json + adapter_model.safetensors) into its base model and
+    write a full Hugging Face checkpoint to --out."""
+    from cairn.train.lora import merge_to_checkpoint
+
+    cfg = merge_to_checkpoint(base, adapter, out, dtype=dtype)
+    print(f"merged {adapter} into {base} ({cfg.num_layers} layers); wrote {out}")
+    return 0
+
+
 def _engine_config(device: str, dtype: str | None, threads: int | None, max_context: int | None = None, max_seqs: int = 4):
     from cairn.config import EngineConfig
 
@@ -390,6 +413,34 @@ COMMANDS: dict[str, tuple[Callable[..., int], list[Arg]]] = {
         arg("--served-name", action="append", default=None, help="name clients use (one per model)"),
         *_RUNTIME,
         *_POOL,
+    ]),
+    "train": (train, [
+        arg("config", nargs="?", default=None, metavar="CONFIG.yaml"),
+        arg("--recipe", choices=["pretrain", "sft", "dpo"], default=None),
+        arg("--model", default=None, help="starting checkpoint (HF layout)"),
+        arg("--data", nargs="+", default=None, help="training files (.txt/.jsonl)"),
+        arg("--eval-data", nargs="+", default=None, help="held-out files (default: hold out --eval-fraction)"),
+        arg("--out", default=None, help="output directory"),
+        *[arg(f"--{name}", type=kind, default=None) for name, kind in [
+            ("eval-fraction", float), ("seq-len", int), ("batch-size", int), ("grad-accum", int),
+            ("max-steps", int), ("epochs", float), ("lr", float), ("warmup-steps", int), ("min-lr-ratio", float),
+            ("weight-decay", float), ("clip-grad", float), ("threads", int), ("seed", int), ("eval-every", int),
+            ("save-every", int), ("keep-checkpoints", int), ("log-every", int), ("lora-rank", int),
+            ("lora-alpha", float), ("lora-dropout", float), ("dpo-beta", float)]],
+        arg("--schedule", choices=["cosine", "linear", "constant"], default=None),
+        arg("--precision", choices=["auto", "bf16", "fp32"], default=None),
+        arg("--device", default=None, help="cpu, cuda or cuda:N"),
+        arg("--lora-targets", nargs="+", default=None, help="q_proj k_proj v_proj o_proj gate_proj up_proj down_proj"),
+        arg("--too-long", choices=["truncate", "refuse"], default=None),
+        arg("--skip-bad-lines", action="store_const", const=True, default=None),
+        arg("--resume", action="store_const", const=True, default=None, help="continue from the latest checkpoint"),
+        arg("--no-progress", action="store_true", help="no progress bar"),
+    ]),
+    "lora merge": (lora_merge, [
+        arg("base"),
+        arg("adapter"),
+        arg("--out", required=True),
+        arg("--dtype", choices=["float32", "bfloat16", "float16"], default=None),
     ]),
     "pool start": (pool_start, [
         arg("--port", type=int, default=6380),

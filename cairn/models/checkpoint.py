@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -212,6 +213,21 @@ def save_checkpoint(
         }
         _atomic(out_dir / INDEX_FILE, lambda tmp: Path(tmp).write_text(json.dumps(index, indent=2)))
     write_json(out_dir / "config.json", cfg.to_hf_dict())
+
+
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+              "chat_template.jinja")
+
+
+def copy_side_files(src: str | Path, dst: str | Path) -> None:
+    """Copy the tokenizer and generation files that travel with a checkpoint's weights."""
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    if src.resolve() == dst.resolve():
+        return
+    for name in SIDE_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
 
 
 def write_json(path: Path, obj: dict) -> None:

@@ -1,0 +1,351 @@
+"""The training loop shared by every recipe: a Trainer that owns model, optimizer and schedule and takes one
+optimizer step at a time, and `train()` that runs it end to end (checks, progress, metrics, checkpoints, export).
+
+Every piece of a step is a function of (config, step number, saved state), so a run resumed from a checkpoint
+takes exactly the steps an uninterrupted run would: same batches, same learning rates, same dropout masks."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from cairn.config import ModelConfig
+from cairn.errors import UserError
+from cairn.models.checkpoint import copy_side_files, load_stage, save_checkpoint, write_json
+from cairn.models.llama import TORCH_DTYPES, full_forward
+from cairn.models.tokenizer import Tokenizer
+from cairn.train import lora, state
+from cairn.train.config import TrainConfig
+from cairn.train.data import Batch, Datasets, batches_per_epoch, build_datasets, collate, micro_batch_indices
+from cairn.train.losses import dpo_terms, lm_loss_sum, sequence_logprobs
+
+
+def lr_factor(step: int, cfg: TrainConfig, total: int) -> float:
+    """Learning-rate multiplier for optimizer step `step` (0-based): linear warmup, then cosine/linear/constant
+    decay to min_lr_ratio at the last step."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    span = max(1, total - cfg.warmup_steps - 1)
+    t = min(1.0, (step - cfg.warmup_steps) / span)
+    shape = 0.5 * (1 + math.cos(math.pi * t)) if cfg.schedule == "cosine" else 1 - t
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for plain fp32."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def _device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r} (use cpu, cuda or cuda:N)", param="device") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("device cuda was asked for but this machine has no usable CUDA device", param="device")
+    return device
+
+
+class Trainer:
+    """Model, optimizer and schedule of one run; `step(i)` takes optimizer step i on its micro-batches."""
+
+    def __init__(self, cfg: TrainConfig, model_cfg: ModelConfig, data: Datasets, total_steps: int):
+        self.cfg, self.model_cfg, self.data, self.total = cfg, model_cfg, data, total_steps
+        self.device = _device(cfg.device)
+        self.autocast = resolve_precision(cfg.precision, self.device)
+        torch.manual_seed(cfg.seed)
+        self.model = load_stage(cfg.model, model_cfg, dtype="float32", device=self.device)
+        self.adapters: dict[str, lora.LoraLinear] = {}
+        self.reference = None
+        if cfg.lora:
+            self.adapters = lora.attach(self.model, self.lora_spec)
+        else:
+            if cfg.recipe == "dpo":
+                self.reference = copy.deepcopy(self.model).eval()  # frozen
+            self.model.requires_grad_(True)
+        self.model.train()
+        self.params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        decay = [p for p in self.params.values() if p.ndim >= 2]
+        no_decay = [p for p in self.params.values() if p.ndim < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr, betas=cfg.adam_betas, eps=1e-8,
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg, total_steps))
+        self.step_count = 0
+        self.tokens = 0
+
+    @property
+    def lora_spec(self) -> lora.LoraSpec:
+        c = self.cfg
+        return lora.LoraSpec(c.lora_rank, c.lora_alpha, c.lora_dropout, tuple(c.lora_targets))
+
+    # --- one step --------------------------------------------------------------------------------------------
+
+    def _micro_batches(self, step: int) -> list[list]:
+        n, B, ga = len(self.data.train), self.cfg.batch_size, self.cfg.grad_accum
+        return [[self.data.train[i] for i in micro_batch_indices(n, B, self.cfg.seed, step * ga + m)]
+                for m in range(ga)]
+
+    def _forward(self, batch: Batch) -> torch.Tensor:
+        ids = batch.inputs.to(self.device)
+        with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+            return full_forward(self.model, ids)
+
+    def _dpo_logps(self, pairs: list) -> tuple[Batch, torch.Tensor, torch.Tensor]:
+        """Policy and reference log-probabilities of [chosen..., rejected...] responses."""
+        batch = collate([p.chosen for p in pairs] + [p.rejected for p in pairs])
+        labels = batch.labels.to(self.device)
+        policy = sequence_logprobs(self._forward(batch), labels)
+        with torch.no_grad():
+            if self.reference is not None:
+                ids = batch.inputs.to(self.device)
+                with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+                    ref_logits = full_forward(self.reference, ids)
+            else:  # LoRA: the base model is the reference
+                lora.set_enabled(self.adapters, False)
+                try:
+                    ref_logits = self._forward(batch)
+                finally:
+                    lora.set_enabled(self.adapters, True)
+            reference = sequence_logprobs(ref_logits, labels)
+        return batch, policy, reference
+
+    def step(self) -> dict:
+        """Take the next optimizer step; returns its metrics."""
+        t0 = time.perf_counter()
+        micro = self._micro_batches(self.step_count)
+        self.optimizer.zero_grad(set_to_none=True)
+        out: dict = {}
+        tokens = 0
+        if self.cfg.recipe == "dpo":
+            n_pairs = sum(len(m) for m in micro)
+            terms: list[dict] = []
+            for pairs in micro:
+                batch, policy, ref = self._dpo_logps(pairs)
+                k = len(pairs)
+                t = dpo_terms(policy[:k], policy[k:], ref[:k], ref[k:], self.cfg.dpo_beta)
+                (t["loss"].sum() / n_pairs).backward()
+                terms.append(t)
+                tokens += batch.tokens
+            cat = {k: torch.cat([t[k] for t in terms]) for k in terms[0]}
+            out.update(loss=cat["loss"].mean().item(), reward_margin=cat["margin"].mean().item(),
+                       reward_accuracy=(cat["margin"] > 0).float().mean().item(),
+                       chosen_reward=cat["chosen_reward"].mean().item(),
+                       rejected_reward=cat["rejected_reward"].mean().item())
+        else:
+            batches = [collate(m) for m in micro]
+            n_targets = sum(int((b.labels != -100).sum()) for b in batches)
+            total = 0.0
+            for b in batches:
+                loss = lm_loss_sum(self._forward(b), b.labels.to(self.device)) / max(n_targets, 1)
+                loss.backward()
+                total += loss.item()
+                tokens += b.tokens
+            out["loss"] = total
+        params = list(self.params.values())
+        max_norm = self.cfg.clip_grad if self.cfg.clip_grad > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        out["lr"] = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step_count += 1
+        self.tokens += tokens
+        dt = time.perf_counter() - t0
+        out.update(step=self.step_count, grad_norm=float(grad_norm), tokens=self.tokens, step_tokens=tokens,
+                   tokens_per_s=tokens / dt if dt > 0 else 0.0)
+        return out
+
+    # --- eval ------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Held-out loss (and for dpo: reward margin and accuracy), in eval mode."""
+        if not self.data.eval:
+            return {}
+        self.model.eval()
+        try:
+            B, ev = self.cfg.batch_size, self.data.eval
+            if self.cfg.recipe == "dpo":
+                losses, margins = [], []
+                for i in range(0, len(ev), B):
+                    pairs = ev[i : i + B]
+                    _, policy, ref = self._dpo_logps(pairs)
+                    t = dpo_terms(policy[: len(pairs)], policy[len(pairs):], ref[: len(pairs)], ref[len(pairs):],
+                                  self.cfg.dpo_beta)
+                    losses.append(t["loss"])
+                    margins.append(t["margin"])
+                m = torch.cat(margins)
+                return {"eval_loss": torch.cat(losses).mean().item(), "eval_reward_margin": m.mean().item(),
+                        "eval_reward_accuracy": (m > 0).float().mean().item()}
+            total, count = 0.0, 0
+            for i in range(0, len(ev), B):
+                b = collate(ev[i : i + B])
+                total += lm_loss_sum(self._forward(b), b.labels.to(self.device)).item()
+                count += int((b.labels != -100).sum())
+            return {"eval_loss": total / max(count, 1)}
+        finally:
+            self.model.train()
+
+    # --- output ----------------------------------------------------------------------------------------------
+
+    def export(self, out: Path, metadata: dict) -> None:
+        """The final HF checkpoint in `out` (merged under LoRA, with the adapter in out/adapter)."""
+        if self.adapters:
+            adapter_dir = out / "adapter"
+            lora.save_adapter(adapter_dir, lora.adapter_state(self.model, self.adapters), self.lora_spec, self.cfg.model)
+            copy_side_files(Path(self.cfg.model), adapter_dir)
+            if self.cfg.lora_merge:
+                lora.merge_to_checkpoint(self.cfg.model, adapter_dir, out, metadata)
+            return
+        stage = copy.deepcopy(self.model).to(TORCH_DTYPES[self.model_cfg.dtype]).cpu()
+        save_checkpoint(stage, out, metadata=metadata)
+        copy_side_files(Path(self.cfg.model), out)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    tokens: int
+    seconds: float
+    train_loss: float
+    eval: dict
+    out: Path
+    warnings: list[str]
+
+
+def prepare(cfg: TrainConfig) -> tuple[TrainConfig, ModelConfig, Tokenizer, Datasets, int]:
+    """Every check that can fail on user input, before any compute: model, tokenizer, data, steps."""
+    model_cfg = ModelConfig.from_hf_dir(cfg.model)
+    tok = Tokenizer.from_dir(cfg.model)
+    if tok.vocab_size > model_cfg.vocab_size:
+        raise UserError(f"the tokenizer in {cfg.model} has {tok.vocab_size} tokens but the model's embedding has "
+                        f"{model_cfg.vocab_size} rows; they must come from the same checkpoint")
+    if cfg.seq_len > model_cfg.max_position_embeddings:
+        cfg = replace(cfg, seq_len=model_cfg.max_position_embeddings)
+    _device(cfg.device)
+    data = build_datasets(cfg, tok, model_cfg.eos_token_ids)
+    per_epoch = batches_per_epoch(len(data.train), cfg.batch_size)
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accum))
+    return cfg, model_cfg, tok, data, total
+
+
+def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None,
+          log: Callable[[str], None] = print) -> TrainResult:
+    """Run a recipe end to end; see TrainConfig for every option. `on_step` sees each step's metrics."""
+    from tqdm import tqdm
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    cfg, model_cfg, _, data, total = prepare(cfg)
+    out = Path(cfg.out)
+    ckpts = out / "checkpoints"
+    latest = state.latest(ckpts)
+    if latest is not None and not cfg.resume:
+        raise UserError(f"{out} already holds checkpoints of a run; pass --resume to continue it or choose "
+                        "another --out")
+    for w in data.stats.warnings:
+        log(f"warning: {w}")
+    trainer = Trainer(cfg, model_cfg, data, total)
+    metrics_path = out / "metrics.jsonl"
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.resume and latest is not None:
+        state.load(latest, trainer)
+        state.truncate_metrics(metrics_path, trainer.step_count)
+        log(f"resumed from {latest} (step {trainer.step_count} of {total})")
+    elif cfg.resume:
+        log(f"nothing to resume in {ckpts}; starting from step 0")
+        metrics_path.unlink(missing_ok=True)
+    else:
+        metrics_path.unlink(missing_ok=True)
+    write_json(out / "train_config.json", cfg.to_dict())
+    log(f"{cfg.recipe}: {len(data.train)} train / {len(data.eval)} eval examples, {total} steps of "
+        f"{cfg.batch_size}x{cfg.grad_accum} at seq_len {cfg.seq_len}, "
+        f"{sum(p.numel() for p in trainer.params.values()) / 1e6:.2f}M trainable parameters"
+        f"{f' (LoRA r={cfg.lora_rank})' if cfg.lora else ''}")
+    t0 = time.perf_counter()
+    last: dict = {"loss": float("nan")}
+    ev: dict = {}
+    bar = tqdm(total=total, initial=trainer.step_count, disable=not cfg.progress, unit="step", dynamic_ncols=True)
+    with metrics_path.open("a") as mf:
+        def record(line: dict) -> None:
+            mf.write(json.dumps(line) + "\n")
+            mf.flush()
+
+        while trainer.step_count < total:
+            last = trainer.step()
+            s = last["step"]
+            bar.update(1)
+            bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
+            if s % cfg.log_every == 0 or s == total:
+                record(last)
+            if cfg.eval_every and s % cfg.eval_every == 0 and s < total:
+                ev = trainer.evaluate()
+                if ev:
+                    record({"step": s, **ev})
+                    bar.write(f"step {s}: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()))
+            if cfg.save_every and s % cfg.save_every == 0 and s < total:
+                state.save(ckpts, trainer, cfg.keep_checkpoints)
+                plot_losses(metrics_path, out / "loss.png")
+            if on_step is not None:
+                on_step(last)
+        ev = trainer.evaluate()
+        if ev:
+            record({"step": trainer.step_count, **ev})
+    bar.close()
+    state.save(ckpts, trainer, cfg.keep_checkpoints)
+    meta = {"cairn_train": json.dumps({"recipe": cfg.recipe, "steps": trainer.step_count, "tokens": trainer.tokens,
+                                       "base": str(cfg.model)})}
+    trainer.export(out, meta)
+    plot_losses(metrics_path, out / "loss.png")
+    secs = time.perf_counter() - t0
+    result = TrainResult(trainer.step_count, trainer.tokens, secs, last["loss"], ev, out, data.stats.warnings)
+    log(f"done: {result.steps} steps, {result.tokens} tokens in {secs:.1f}s, train loss {result.train_loss:.4f}"
+        + "".join(f", {k} {v:.4f}" for k, v in ev.items()) + f"; wrote {out}")
+    return result
+
+
+def plot_losses(metrics_path: Path, png: Path) -> None:
+    """Train and eval loss against step, as a PNG beside the metrics."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train, evals = [], []
+    if metrics_path.is_file():
+        for line in metrics_path.read_text().splitlines():
+            m = json.loads(line)
+            if "loss" in m:
+                train.append((m["step"], m["loss"]))
+            if "eval_loss" in m:
+                evals.append((m["step"], m["eval_loss"]))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train", linewidth=1)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = png.with_name(png.name + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(png)
