@@ -69,3 +69,11 @@ def shipped_corpus(n_sentences: int = 4000) -> list[str]:
     s = sentences(n_sentences)
     docs += [" ".join(s[i : i + 10]) for i in range(0, len(s), 10)]
     return docs
+
+
+if __name__ == "__main__":  # python -m cairn.models.corpus OUT.txt: write the shipped text for training demos
+    import sys
+    from pathlib import Path
+
+    Path(sys.argv[1]).parent.mkdir(parents=True, exist_ok=True)
+    Path(sys.argv[1]).write_text("\n\n".join(shipped_corpus()) + "\n")
