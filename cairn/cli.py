@@ -68,16 +68,29 @@ def tokenizer_train(corpus: list[str], vocab_size: int, out: str) -> int:
     return 0
 
 
-def train(config: str | None = None, **options) -> int:
+def train(config: str | None = None, pool: str | None = None, token: str | None = None, **options) -> int:
     """Train a model: pretrain on raw text, supervised fine-tuning on chat or alpaca JSONL, or DPO on comparisons;
     full fine-tuning or LoRA. Options come from CONFIG.yaml (keys as in the README) and flags, flags winning.
-    Writes an HF checkpoint to --out (plus adapter/ under LoRA), resumable checkpoints, metrics.jsonl and loss.png."""
+    Writes an HF checkpoint to --out (plus adapter/ under LoRA), resumable checkpoints, metrics.jsonl and loss.png.
+    --pool ADDRESS --workers N trains on N pool devices with DiLoCo (or --sync every-step)."""
     from cairn.train.config import TrainConfig
-    from cairn.train.loop import train as run
 
     if options.pop("no_progress", None):
         options["progress"] = False
-    run(TrainConfig.build(config, **options))
+    cfg = TrainConfig.build(config, **options)
+    if pool is None:
+        if cfg.workers:
+            raise UserError("--workers needs --pool ADDRESS (the pool to train on)", param="workers")
+        from cairn.train.loop import train as run
+
+        run(cfg)
+        return 0
+    from cairn.pool.control import connect
+
+    connect(pool, _pool_token(token))
+    from cairn.pool.ray_train import PoolTrainer
+
+    PoolTrainer(cfg, threads=cfg.threads).run()
     return 0
 
 
@@ -435,6 +448,13 @@ COMMANDS: dict[str, tuple[Callable[..., int], list[Arg]]] = {
         arg("--skip-bad-lines", action="store_const", const=True, default=None),
         arg("--resume", action="store_const", const=True, default=None, help="continue from the latest checkpoint"),
         arg("--no-progress", action="store_true", help="no progress bar"),
+        arg("--pool", default=None, metavar="ADDRESS", help="train on the pool at ADDRESS (with --workers)"),
+        arg("--token", default=None, help="the pool's token (default: $CAIRN_POOL_TOKEN)"),
+        arg("--workers", type=int, default=None, help="pool devices to train on"),
+        arg("--sync", choices=["diloco", "every-step"], default=None, help="DiLoCo rounds or synchronous DP"),
+        *[arg(f"--{name}", type=kind, default=None) for name, kind in [
+            ("inner-steps", int), ("outer-lr", float), ("outer-momentum", float), ("round-slack", float)]],
+        arg("--delta-dtype", choices=["fp32", "bf16", "int8"], default=None, help="pseudo-gradients on the wire"),
     ]),
     "lora merge": (lora_merge, [
         arg("base"),

@@ -89,6 +89,21 @@ class TrainConfig:
     """Skip malformed JSONL lines (counted) instead of stopping."""
     progress: bool = True
     """Show a progress bar."""
+    workers: int = 0
+    """Pool devices to train on (needs --pool); 0 trains in this process."""
+    sync: str = "diloco"
+    """With workers: 'diloco' (H local steps, then one averaged update) or 'every-step' (synchronous DP)."""
+    inner_steps: int = 100
+    """DiLoCo H: inner AdamW steps per worker between outer updates (max_steps counts inner steps)."""
+    outer_lr: float = 0.7
+    """DiLoCo outer Nesterov SGD learning rate."""
+    outer_momentum: float = 0.9
+    """DiLoCo outer momentum."""
+    round_slack: float = 1.25
+    """DiLoCo: a round lasts (the fastest worker's time for H steps) x this; slower workers stop early with
+    fewer steps. 0: every worker takes all H steps."""
+    delta_dtype: str = "fp32"
+    """How workers send pseudo-gradients: fp32, bf16 or int8 (per-row scales)."""
 
     def __post_init__(self) -> None:
         def bad(field: str, why: str):
@@ -122,6 +137,12 @@ class TrainConfig:
             bad("lora_targets", f"unknown module {unknown[0]!r}; choose from {', '.join(LORA_TARGETS)}")
         if self.lora_rank and not self.lora_targets:
             bad("lora_targets", "LoRA needs at least one target module")
+        if self.sync not in ("diloco", "every-step"):
+            bad("sync", f"must be diloco or every-step, got {self.sync!r}")
+        if self.delta_dtype not in ("fp32", "bf16", "int8"):
+            bad("delta_dtype", f"must be fp32, bf16 or int8, got {self.delta_dtype!r}")
+        if self.workers < 0 or self.inner_steps < 1:
+            bad("workers" if self.workers < 0 else "inner_steps", "must be positive")
         if self.dpo_beta <= 0:
             bad("dpo_beta", f"must be positive, got {self.dpo_beta}")
 

@@ -18,13 +18,14 @@ import torch
 
 from cairn.config import ModelConfig
 from cairn.errors import UserError
-from cairn.models.checkpoint import copy_side_files, load_stage, save_checkpoint, write_json
+from cairn.models.checkpoint import build_stage, copy_side_files, load_stage, save_checkpoint, write_json
 from cairn.models.llama import TORCH_DTYPES, full_forward
 from cairn.models.tokenizer import Tokenizer
 from cairn.train import lora, state
 from cairn.train.config import TrainConfig
 from cairn.train.data import Batch, Datasets, batches_per_epoch, build_datasets, collate, micro_batch_indices
 from cairn.train.losses import dpo_terms, lm_loss_sum, sequence_logprobs
+from cairn.types import LayerRange
 
 
 def lr_factor(step: int, cfg: TrainConfig, total: int) -> float:
@@ -64,12 +65,18 @@ def _device(name: str) -> torch.device:
 class Trainer:
     """Model, optimizer and schedule of one run; `step(i)` takes optimizer step i on its micro-batches."""
 
-    def __init__(self, cfg: TrainConfig, model_cfg: ModelConfig, data: Datasets, total_steps: int):
+    def __init__(self, cfg: TrainConfig, model_cfg: ModelConfig, data: Datasets, total_steps: int,
+                 tensors: dict[str, torch.Tensor] | None = None):
+        """`tensors` (HF names) replace reading cfg.model from disk: how pool workers get the weights."""
         self.cfg, self.model_cfg, self.data, self.total = cfg, model_cfg, data, total_steps
         self.device = _device(cfg.device)
         self.autocast = resolve_precision(cfg.precision, self.device)
         torch.manual_seed(cfg.seed)
-        self.model = load_stage(cfg.model, model_cfg, dtype="float32", device=self.device)
+        if tensors is None:
+            self.model = load_stage(cfg.model, model_cfg, dtype="float32", device=self.device)
+        else:
+            self.model = build_stage(model_cfg, LayerRange(0, model_cfg.num_layers), tensors, dtype="float32",
+                                     device=self.device, source="the shipped weights")
         self.adapters: dict[str, lora.LoraLinear] = {}
         self.reference = None
         if cfg.lora:
@@ -126,10 +133,9 @@ class Trainer:
             reference = sequence_logprobs(ref_logits, labels)
         return batch, policy, reference
 
-    def step(self) -> dict:
-        """Take the next optimizer step; returns its metrics."""
-        t0 = time.perf_counter()
-        micro = self._micro_batches(self.step_count)
+    def backward(self, step: int | None = None) -> dict:
+        """Forward and backward over one optimizer step's micro-batches (gradients left in .grad)."""
+        micro = self._micro_batches(self.step_count if step is None else step)
         self.optimizer.zero_grad(set_to_none=True)
         out: dict = {}
         tokens = 0
@@ -158,17 +164,27 @@ class Trainer:
                 total += loss.item()
                 tokens += b.tokens
             out["loss"] = total
-        params = list(self.params.values())
+        out["step_tokens"] = tokens
+        return out
+
+    def apply(self) -> dict:
+        """Clip the gradients in .grad and take the optimizer and schedule step."""
         max_norm = self.cfg.clip_grad if self.cfg.clip_grad > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        out["lr"] = self.scheduler.get_last_lr()[0]
+        grad_norm = torch.nn.utils.clip_grad_norm_(list(self.params.values()), max_norm)
+        lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
         self.step_count += 1
-        self.tokens += tokens
+        return {"lr": lr, "grad_norm": float(grad_norm), "step": self.step_count}
+
+    def step(self) -> dict:
+        """Take the next optimizer step; returns its metrics."""
+        t0 = time.perf_counter()
+        out = self.backward()
+        out.update(self.apply())
+        self.tokens += out["step_tokens"]
         dt = time.perf_counter() - t0
-        out.update(step=self.step_count, grad_norm=float(grad_norm), tokens=self.tokens, step_tokens=tokens,
-                   tokens_per_s=tokens / dt if dt > 0 else 0.0)
+        out.update(tokens=self.tokens, tokens_per_s=out["step_tokens"] / dt if dt > 0 else 0.0)
         return out
 
     # --- eval ------------------------------------------------------------------------------------------------

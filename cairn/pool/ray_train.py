@@ -1,0 +1,249 @@
+"""Training across the pool: DiLoCo (or synchronous data parallelism as the baseline) with Ray actors as workers.
+
+One TrainWorker actor per pool device holds a Trainer (model, inner AdamW, its own data order). The driver holds
+the global model and the outer optimizer. Per round it ships the global weights once through the object store,
+each worker takes up to H inner steps within the round's time budget and returns its compressed pseudo-gradient
+and token count, and the driver applies the token-weighted average with Nesterov momentum. A worker that dies is
+dropped at that round; a device that joins gets a worker that starts from the current global weights next round.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable
+
+import ray
+import torch
+from ray.exceptions import RayActorError, RayError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from cairn.errors import CapacityError, UserError
+from cairn.models.checkpoint import read_tensors, stage_tensor_names, write_json
+from cairn.pool.ray_backend import STAGE_ENV, pool_devices
+from cairn.train import diloco
+from cairn.train.config import TrainConfig
+from cairn.train.loop import Trainer, plot_losses, prepare
+from cairn.types import LayerRange
+
+
+@ray.remote(num_cpus=0, max_restarts=0)
+class TrainWorker:
+    """One worker: a Trainer over the shipped weights and data, with its own data order (seed + index)."""
+
+    def __init__(self, cfg: TrainConfig, index: int, model_cfg, data, tensors, total_steps: int,
+                 slowdown: float = 1.0, threads: int | None = None):
+        if threads:
+            torch.set_num_threads(threads)
+        cfg = replace(cfg, seed=cfg.seed + 1009 * (index + 1), device="cuda" if torch.cuda.is_available()
+                      and cfg.device.startswith("cuda") else cfg.device)
+        self.trainer = Trainer(cfg, model_cfg, data, total_steps, tensors=tensors)
+        self.slowdown = slowdown
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def _load(self, weights: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for k, p in self.trainer.params.items():
+                p.copy_(weights[k])
+
+    def _throttle(self, seconds: float) -> None:
+        if self.slowdown > 1.0:  # a deliberately slower device (tests and benchmarks of heterogeneity)
+            time.sleep(seconds * (self.slowdown - 1.0))
+
+    def run_round(self, weights: dict, max_steps: int, budget_s: float | None, dtype: str) -> dict:
+        """Inner steps from the global weights until max_steps or the time budget; returns the pseudo-gradient."""
+        self._load(weights)
+        start = {k: p.detach().clone() for k, p in self.trainer.params.items()}
+        t0 = time.perf_counter()
+        steps, tokens, loss = 0, 0, 0.0
+        while steps < max_steps:
+            s0 = time.perf_counter()
+            m = self.trainer.step()
+            self._throttle(time.perf_counter() - s0)
+            steps, tokens, loss = steps + 1, tokens + m["step_tokens"], loss + m["loss"]
+            elapsed = time.perf_counter() - t0
+            if budget_s is not None and elapsed + elapsed / steps > budget_s:
+                break
+        end = {k: p.detach() for k, p in self.trainer.params.items()}
+        payload = diloco.compress(diloco.pseudo_gradient(start, end), dtype)
+        secs = time.perf_counter() - t0
+        return {"payload": payload, "tokens": tokens, "steps": steps, "loss": loss / steps, "step_s": secs / steps}
+
+    def gradient(self, weights: dict, step: int, dtype: str) -> dict:
+        """Synchronous baseline: the gradient of one step's batches at the given weights."""
+        self._load(weights)
+        s0 = time.perf_counter()
+        m = self.trainer.backward(step)
+        self._throttle(time.perf_counter() - s0)
+        grad = {k: p.grad.detach() for k, p in self.trainer.params.items()}
+        return {"payload": diloco.compress(grad, dtype), "tokens": m["step_tokens"], "loss": m["loss"]}
+
+
+class PoolTrainer:
+    """The driver: global model + outer optimizer, workers on pool devices, rounds, metrics, checkpoints."""
+
+    def __init__(self, cfg: TrainConfig, log: Callable[[str], None] = print,
+                 slowdown: dict[int, float] | None = None, threads: int | None = None):
+        if cfg.workers < 1:
+            raise UserError("--pool training needs --workers N (at least 1)", param="workers")
+        self.cfg, self.log, self.slowdown, self.threads = cfg, log, slowdown or {}, threads
+        cfg, self.model_cfg, _, self.data, self.total = prepare(cfg)
+        self.cfg = cfg
+        self.rounds = self.total if cfg.sync == "every-step" else math.ceil(self.total / cfg.inner_steps)
+        self.globl = Trainer(cfg, self.model_cfg, self.data, self.total)
+        self.outer = diloco.OuterOptimizer(cfg.outer_lr, cfg.outer_momentum)
+        names = stage_tensor_names(self.model_cfg, LayerRange(0, self.model_cfg.num_layers))
+        self.data_ref = ray.put(self.data)
+        self.tensors_ref = ray.put(read_tensors(cfg.model, names))
+        self.workers: dict[str, tuple[ray.actor.ActorHandle, int]] = {}  # node id -> (actor, index)
+        self.next_index = 0
+        self.step_seconds: dict[str, float] = {}
+        self.bytes_up = self.bytes_down = 0
+        self.round = 0
+
+    # --- membership ----------------------------------------------------------------------------------------
+
+    def _fill(self) -> None:
+        """Start workers on unused alive devices until cfg.workers are running."""
+        for dev in pool_devices(exclude=set(self.workers)):
+            if len(self.workers) >= self.cfg.workers:
+                break
+            index = self.next_index
+            self.next_index += 1
+            opts = dict(scheduling_strategy=NodeAffinitySchedulingStrategy(dev.node_id, soft=False),
+                        num_gpus=1 if dev.cuda else 0, runtime_env={"env_vars": STAGE_ENV})
+            actor = TrainWorker.options(**opts).remote(
+                self.cfg, index, self.model_cfg, self.data_ref, self.tensors_ref, self.total,
+                self.slowdown.get(index, 1.0), self.threads)
+            self.workers[dev.node_id] = (actor, index)
+            if self.round:
+                self.log(f"round {self.round}: worker {index} joined on node {dev.node_id[:12]}")
+        if not self.workers:
+            raise CapacityError("the pool has no device to train on")
+
+    def _drop(self, node: str, why: str) -> None:
+        actor, index = self.workers.pop(node)
+        self.step_seconds.pop(node, None)
+        self.log(f"round {self.round}: worker {index} dropped ({why})")
+        ray.kill(actor, no_restart=True)
+
+    def _gather(self, calls: dict[str, ray.ObjectRef], timeout: float | None) -> dict[str, dict]:
+        """Results by node; workers that died or missed the timeout are dropped."""
+        results: dict[str, dict] = {}
+        pending = dict(calls)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while pending:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready, _ = ray.wait(list(pending.values()), num_returns=1, timeout=left)
+            if not ready:
+                for node in list(pending):
+                    self._drop(node, "timed out")
+                break
+            node = next(n for n, ref in pending.items() if ref == ready[0])
+            del pending[node]
+            try:
+                results[node] = ray.get(ready[0])
+            except (RayActorError, RayError) as e:
+                self._drop(node, type(e).__name__)
+        return results
+
+    # --- rounds --------------------------------------------------------------------------------------------
+
+    def _weights(self) -> dict[str, torch.Tensor]:
+        return {k: p.detach().cpu().clone() for k, p in self.globl.params.items()}
+
+    def _shapes(self) -> dict[str, torch.Size]:
+        return {k: p.shape for k, p in self.globl.params.items()}
+
+    def diloco_round(self) -> dict:
+        weights = self._weights()
+        ref = ray.put(weights)
+        budget = None
+        if self.step_seconds and self.cfg.round_slack > 0:
+            budget = diloco.round_budget(self.step_seconds, self.cfg.inner_steps, self.cfg.round_slack)
+        self.bytes_down += len(self.workers) * sum(t.numel() * t.element_size() for t in weights.values())
+        calls = {node: a.run_round.remote(ref, self.cfg.inner_steps, budget, self.cfg.delta_dtype)
+                 for node, (a, _) in self.workers.items()}
+        timeout = 600 if budget is None else 4 * budget + 120
+        results = self._gather(calls, timeout)
+        if not results:
+            raise CapacityError("every worker failed in this round")
+        deltas = [diloco.decompress(r["payload"], self._shapes()) for r in results.values()]
+        tokens = [r["tokens"] for r in results.values()]
+        self.bytes_up += sum(diloco.payload_bytes(r["payload"]) for r in results.values())
+        new = self.outer.step(weights, diloco.weighted_average(deltas, tokens))
+        with torch.no_grad():
+            for k, p in self.globl.params.items():
+                p.copy_(new[k])
+        for node, r in results.items():
+            self.step_seconds[node] = r["step_s"]
+        return {"loss": sum(r["loss"] * r["tokens"] for r in results.values()) / sum(tokens),
+                "step_tokens": sum(tokens), "workers": len(results),
+                "inner_steps": {self.workers[n][1]: r["steps"] for n, r in results.items() if n in self.workers}}
+
+    def sync_round(self) -> dict:
+        weights = self._weights()
+        ref = ray.put(weights)
+        self.bytes_down += len(self.workers) * sum(t.numel() * t.element_size() for t in weights.values())
+        calls = {node: a.gradient.remote(ref, self.round, self.cfg.delta_dtype) for node, (a, _) in self.workers.items()}
+        results = self._gather(calls, 600)
+        if not results:
+            raise CapacityError("every worker failed in this step")
+        grads = [diloco.decompress(r["payload"], self._shapes()) for r in results.values()]
+        tokens = [r["tokens"] for r in results.values()]
+        self.bytes_up += sum(diloco.payload_bytes(r["payload"]) for r in results.values())
+        avg = diloco.weighted_average(grads, tokens)
+        for k, p in self.globl.params.items():
+            p.grad = avg[k].to(p.dtype)
+        self.globl.apply()
+        return {"loss": sum(r["loss"] * r["tokens"] for r in results.values()) / sum(tokens),
+                "step_tokens": sum(tokens), "workers": len(results)}
+
+    def run(self, on_round: Callable[[dict], None] | None = None) -> dict:
+        out = Path(self.cfg.out)
+        out.mkdir(parents=True, exist_ok=True)
+        metrics_path = out / "metrics.jsonl"
+        metrics_path.unlink(missing_ok=True)
+        write_json(out / "train_config.json", self.cfg.to_dict())
+        self._fill()
+        self.log(f"{self.cfg.recipe} on {len(self.workers)} pool worker(s), {self.cfg.sync}: {self.rounds} rounds"
+                 + (f" of up to {self.cfg.inner_steps} inner steps" if self.cfg.sync == "diloco" else ""))
+        t0 = time.perf_counter()
+        tokens = 0
+        ev: dict = {}
+        with metrics_path.open("a") as mf:
+            while self.round < self.rounds:
+                self._fill()
+                m = self.diloco_round() if self.cfg.sync == "diloco" else self.sync_round()
+                self.round += 1
+                tokens += m["step_tokens"]
+                m.update(step=self.round, tokens=tokens, bytes_up=self.bytes_up, bytes_down=self.bytes_down,
+                         elapsed_s=time.perf_counter() - t0)
+                mf.write(json.dumps(m) + "\n")
+                every = self.cfg.eval_every
+                if every and self.round % every == 0 and self.round < self.rounds:
+                    ev = self.globl.evaluate()
+                    if ev:
+                        mf.write(json.dumps({"step": self.round, **ev, "bytes_up": self.bytes_up}) + "\n")
+                mf.flush()
+                if on_round is not None:
+                    on_round(m)
+            ev = self.globl.evaluate()
+            if ev:
+                mf.write(json.dumps({"step": self.round, **ev, "bytes_up": self.bytes_up}) + "\n")
+        for actor, _ in self.workers.values():
+            ray.kill(actor, no_restart=True)
+        self.globl.export(out, {"cairn_train": json.dumps({"recipe": self.cfg.recipe, "sync": self.cfg.sync,
+                                                            "rounds": self.round, "tokens": tokens})})
+        plot_losses(metrics_path, out / "loss.png")
+        secs = time.perf_counter() - t0
+        self.log(f"done: {self.round} rounds, {tokens} tokens, {self.bytes_up / 1e6:.2f} MB sent up, "
+                 f"{secs:.1f}s" + "".join(f", {k} {v:.4f}" for k, v in ev.items()))
+        return {"rounds": self.round, "tokens": tokens, "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
+                "seconds": secs, **ev}

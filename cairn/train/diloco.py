@@ -1,0 +1,78 @@
+"""DiLoCo's outer loop as pure functions: pseudo-gradients, token-weighted averaging, compression, Nesterov.
+
+Each worker starts a round from the global weights, takes up to H inner AdamW steps on its own data, and sends
+back its pseudo-gradient (start - end). The driver averages them, weighting each by the tokens its worker
+processed (so a slow worker that managed fewer steps counts for less), and applies the average with an outer
+Nesterov-momentum SGD step. Only the averaged deltas cross the network, once per round.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from cairn.pool import wire
+
+Delta = dict[str, torch.Tensor]
+
+
+def pseudo_gradient(start: Delta, end: Delta) -> Delta:
+    """start - end per tensor: the direction the inner steps moved, signed like a gradient."""
+    return {k: (start[k].float() - end[k].float()) for k in start}
+
+
+def compress(delta: Delta, dtype: wire.WireDType) -> dict:
+    """What a worker sends: fp32, bf16, or int8 with one fp32 scale per row (vectors are one row)."""
+    return {k: wire.encode(v.reshape(-1, v.shape[-1]) if v.ndim > 1 else v.reshape(1, -1), dtype)
+            for k, v in delta.items()}
+
+
+def decompress(payload: dict, shapes: dict[str, torch.Size]) -> Delta:
+    return {k: wire.decode(p, torch.float32).reshape(shapes[k]) for k, p in payload.items()}
+
+
+def payload_bytes(payload: dict) -> int:
+    return sum(wire.nbytes(p) for p in payload.values())
+
+
+def weighted_average(deltas: list[Delta], weights: list[float]) -> Delta:
+    """sum_i w_i * d_i / sum_i w_i (weights: tokens processed)."""
+    if not deltas:
+        raise ValueError("no deltas to average")
+    total = float(sum(weights))
+    if total <= 0:
+        raise ValueError("weights must sum to a positive number")
+    out = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in deltas[0].items()}
+    for d, w in zip(deltas, weights):
+        for k in out:
+            out[k].add_(d[k].float(), alpha=w / total)
+    return out
+
+
+@dataclass
+class OuterOptimizer:
+    """SGD with Nesterov momentum on the global weights: buf = mu * buf + g; w -= lr * (g + mu * buf)."""
+
+    lr: float = 0.7
+    momentum: float = 0.9
+    nesterov: bool = True
+    buffers: Delta = field(default_factory=dict)
+
+    def step(self, weights: Delta, grad: Delta) -> Delta:
+        out = {}
+        for k, w in weights.items():
+            g = grad[k].float()
+            buf = self.buffers.get(k)
+            buf = g.clone() if buf is None else buf.mul_(self.momentum).add_(g)
+            self.buffers[k] = buf
+            update = g + self.momentum * buf if self.nesterov else buf
+            out[k] = (w.float() - self.lr * update).to(w.dtype)
+        return out
+
+
+def round_budget(step_seconds: dict[str, float], inner_steps: int, slack: float = 1.25) -> float:
+    """Wall time of a round: what the fastest worker needs for H inner steps, plus slack for timing noise.
+    Workers at that speed finish their H steps; slower ones stop at the budget with fewer, so nobody waits long
+    for a straggler."""
+    return inner_steps * min(step_seconds.values()) * slack
