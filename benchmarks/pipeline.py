@@ -50,6 +50,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--streams", type=int, default=16)
     ap.add_argument("--max-context", type=int, default=512)
+    ap.add_argument("--depth", type=int, default=None,
+                    help="steps (micro-batches) in flight; default: 1 when all stages share a machine, as here")
+    ap.add_argument("--stage-threads", type=int, default=None, help="torch threads per stage (default: --threads)")
     a = ap.parse_args()
     ensure_isolated()
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
@@ -87,30 +90,32 @@ def main() -> None:
         print(f"model {a.model_dir}: {cfg.param_count() / 1e6:.0f}M params, fp32, {a.threads} threads; "
               f"{a.tokens * 2} tokens at 1 stream, {a.streams} x {a.tokens} at {a.streams} streams")
         print(f"single process: 1 stream {base1:.1f} tok/s, {a.streams} streams {base16:.1f} tok/s\n")
+        print(f"pipeline: {a.depth or 'auto'} steps in flight, {a.stage_threads or a.threads} threads per stage\n")
         print(f"{'nodes':>5} {'wire':>5} {'1 stream':>9} {'ratio':>6} {f'{a.streams} streams':>11} {'ratio':>6}"
-              f" {'wire B/token':>12} {'greedy same':>11} {'max |dlogit|':>12}")
+              f" {'wire B/token':>12} {'reply B/token':>13} {'greedy same':>11} {'max |dlogit|':>12}")
         wire_bytes = {}
         for n_nodes, wire in [(1, "fp32"), (2, "fp32"), (3, "fp32"), (3, "bf16"), (3, "int8")]:
             allowed = {n.node_id for n in nodes[:n_nodes]}
             runner = PipelineRunner(a.model_dir, cfg, max_seqs=a.streams, max_context=a.max_context, dtype="float32",
-                                    wire=wire, threads=a.threads, nodes=allowed)
+                                    wire=wire, threads=a.stage_threads or a.threads, nodes=allowed, depth=a.depth)
             with LLM(a.model_dir, ecfg, runner=runner) as llm:
                 t1, out1 = timed_generate(llm, 1, a.tokens * 2)
-                before = runner.wire_bytes()
+                before, before_reply = runner.wire_bytes(), runner.reply_bytes()
                 t16, out16 = timed_generate(llm, a.streams, a.tokens)
                 per_token = (runner.wire_bytes() - before) / (a.streams * a.tokens)
+                reply = (runner.reply_bytes() - before_reply) / (a.streams * a.tokens)
                 drift = (runner.forward([Chunk(0, 0, tuple(ids))]) - ref_logits).abs().max().item()
             wire_bytes[(n_nodes, wire)] = per_token
             same = out1 == ref1 and out16 == ref16
             print(f"{len(runner.placement.stages):>5} {wire:>5} {t1:>9.1f} {t1 / base1:>6.2f} {t16:>11.1f} "
-                  f"{t16 / base16:>6.2f} {per_token:>12.0f} {str(same):>11} {drift:>12.2e}")
+                  f"{t16 / base16:>6.2f} {per_token:>12.0f} {reply:>13.1f} {str(same):>11} {drift:>12.2e}")
         if wire_bytes[(3, "int8")]:
             print(f"\nint8 wire sends {wire_bytes[(3, 'fp32')] / wire_bytes[(3, 'int8')]:.2f}x fewer bytes than fp32 "
                   f"(bf16: {wire_bytes[(3, 'fp32')] / wire_bytes[(3, 'bf16')]:.2f}x)")
 
         # recovery: kill a stage's process while 16 streams decode
         runner = PipelineRunner(a.model_dir, cfg, max_seqs=a.streams, max_context=a.max_context, dtype="float32",
-                                threads=a.threads, nodes={n.node_id for n in nodes})
+                                threads=a.stage_threads or a.threads, nodes={n.node_id for n in nodes}, depth=a.depth)
         from cairn.config import SamplingParams
 
         with LLM(a.model_dir, ecfg, runner=runner) as llm:

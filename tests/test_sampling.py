@@ -6,7 +6,18 @@ import pytest
 import torch
 
 from cairn.config import SamplingParams
-from cairn.engine.sampling import apply_penalties, min_p_filter, sample, top_k_filter, top_logprobs, top_p_filter
+from cairn.engine.sampling import (
+    GREEDY,
+    RowSampling,
+    apply_penalties,
+    choose,
+    draw,
+    min_p_filter,
+    top_k_filter,
+    top_logprobs,
+    top_p_filter,
+    uniform,
+)
 from cairn.errors import UserError
 
 NEG = float("-inf")
@@ -41,13 +52,36 @@ def test_penalties_match_formulas():
     assert logits.tolist() == [2.0, -1.0, 0.5, 3.0]  # input untouched
 
 
-def test_sample_is_reproducible_and_follows_distribution():
+def test_draw_is_a_function_of_seed_and_position_and_follows_distribution():
     logits = torch.tensor([0.0, math.log(3.0)])  # p = 0.25, 0.75
-    a = [sample(logits, torch.Generator().manual_seed(7)) for _ in range(3)]
-    assert len(set(a)) == 1
-    g = torch.Generator().manual_seed(0)
-    draws = [sample(logits, g) for _ in range(4000)]
+    assert uniform(7, 12) == uniform(7, 12) and 0 <= uniform(7, 12) < 1
+    assert len({uniform(7, p) for p in range(100)}) == 100 and uniform(7, 0) != uniform(8, 0)
+    draws = [draw(logits, uniform(3, p)) for p in range(4000)]
     assert abs(sum(draws) / 4000 - 0.75) < 0.03
+    by_seed = [draw(logits, uniform(s, 5)) for s in range(4000)]
+    assert abs(sum(by_seed) / 4000 - 0.75) < 0.03
+
+
+def test_draw_inverts_the_cdf_and_never_picks_a_filtered_token():
+    logits = torch.tensor([0.0, NEG, 0.0, 0.0, NEG])  # p = 1/3 each for tokens 0, 2, 3
+    assert [draw(logits, u) for u in (0.0, 0.3, 0.34, 0.66, 0.67, 0.999999)] == [0, 0, 2, 2, 3, 3]
+    assert draw(logits, 1.0 - 2.0**-53) == 3
+
+
+def test_choose_rows():
+    logits = torch.tensor([[1.0, 3.0, 2.0], [5.0, 0.0, 1.0], [0.0, 0.0, 9.0]])
+    sampled = RowSampling(temperature=1.0, seed=4, position=9)
+    out = choose(logits, [GREEDY, None, sampled])
+    assert out[0].token_id == 1 and out[0].logprob is None and out[1] is None
+    assert out[2].token_id == draw(logits[2], uniform(4, 9))
+    with_lp = choose(logits[:1], [RowSampling(logprobs=2)])[0]
+    lp = torch.log_softmax(logits[0], -1)
+    assert with_lp.token_id == 1 and with_lp.logprob == pytest.approx(float(lp[1]))
+    assert [t for t, _ in with_lp.top] == [1, 2]
+    penalised = choose(logits[:1], [RowSampling(repetition_penalty=10.0, seen=(1,))])[0]
+    assert penalised.token_id == 2  # 3 / 10 < 2
+    with pytest.raises(ValueError, match="2 sampling rows for 3 rows"):
+        choose(logits, [GREEDY, GREEDY])
 
 
 def test_top_logprobs_sorted():

@@ -2,6 +2,9 @@
 
 Each step packs every decoding sequence's next token plus prompt chunks of new sequences (up to a token budget)
 into one forward; finished or cancelled sequences give back their KV slot at once and waiting ones take it.
+The runner chooses the tokens (sampling runs where the logits are); the engine tells it how, per row. A runner
+that keeps `depth` > 1 steps in flight (a pipeline) gets the running sequences split into that many groups, each
+stepped while the others are still in the pipeline.
 The engine is single-threaded and knows nothing of where the model runs; `LLM` (api.py) drives it from a thread.
 """
 
@@ -13,21 +16,12 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-
-import torch
+from typing import Any
 
 from cairn.config import SamplingParams
 from cairn.engine.detok import TextStream
 from cairn.engine.runner import Chunk, Runner
-from cairn.engine.sampling import (
-    apply_penalties,
-    apply_temperature,
-    min_p_filter,
-    sample,
-    top_k_filter,
-    top_logprobs,
-    top_p_filter,
-)
+from cairn.engine.sampling import GREEDY, Choice, RowSampling
 from cairn.errors import CairnError, ContextLengthError, UserError
 from cairn.models.tokenizer import Tokenizer
 from cairn.types import FinishReason
@@ -80,17 +74,43 @@ class Sequence:
     max_tokens: int
     sink: Callable[[Event], None]
     stream: TextStream
-    generator: torch.Generator | None
+    seed: int
+    """Fixes the random draws (with each token's position); drawn at random when the request gives none."""
     stop_ids: frozenset[int]
     output: list[int] = field(default_factory=list)
     slot: int | None = None
     computed: int = 0  # tokens whose keys/values are in the cache
+    in_flight: bool = False  # part of a step submitted and not yet collected
     arrived: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
 
     @property
     def tokens(self) -> list[int]:
         return self.prompt + self.output
+
+    def row(self) -> RowSampling:
+        """How the runner is to choose this sequence's next token."""
+        p = self.params
+        if (p.greedy and p.logprobs is None and p.repetition_penalty == 1.0 and not p.presence_penalty
+                and not p.frequency_penalty):
+            return GREEDY
+        return RowSampling(
+            temperature=0.0 if p.greedy else p.temperature, top_p=p.top_p, top_k=p.top_k, min_p=p.min_p,
+            repetition_penalty=p.repetition_penalty, presence_penalty=p.presence_penalty,
+            frequency_penalty=p.frequency_penalty, seed=self.seed, position=len(self.prompt) + len(self.output),
+            seen=tuple(self.tokens) if p.repetition_penalty != 1.0 else (),
+            generated=tuple(self.output) if p.presence_penalty or p.frequency_penalty else (),
+            logprobs=p.logprobs,
+        )
+
+
+@dataclass(frozen=True)
+class _Step:
+    """A step submitted to the runner: its handle, and the sequences of its chunks, in chunk order."""
+
+    handle: Any
+    seqs: tuple[Sequence, ...]
+    chunks: tuple[Chunk, ...]
 
 
 class Engine:
@@ -106,6 +126,7 @@ class Engine:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # hold a slot: prefilling or decoding
         self.free_slots = list(range(runner.max_seqs))
+        self.in_flight: deque[_Step] = deque()
         self._ids = itertools.count()
 
     @property
@@ -140,13 +161,10 @@ class Engine:
         if len(self.waiting) >= self.max_queue:
             raise QueueFullError(f"{len(self.waiting)} requests are already waiting (max_queue); retry later")
         rid = request_id or f"req-{next(self._ids)}"
-        gen = None
-        if not params.greedy:
-            seed = params.seed if params.seed is not None else random.getrandbits(63)
-            gen = torch.Generator().manual_seed(seed % (1 << 63))
+        seed = params.seed if params.seed is not None else random.getrandbits(63)
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids)
         self.waiting.append(Sequence(rid, list(prompt), params, max_tokens, sink, TextStream(self.tokenizer, params.stop),
-                                     gen, stop_ids))
+                                     seed, stop_ids))
         return rid
 
     def cancel(self, request_id: str) -> bool:
@@ -157,52 +175,67 @@ class Engine:
         return False
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.in_flight)
 
     def step(self) -> None:
-        """Admit waiting sequences into free slots, run one packed forward, sample, emit events."""
+        """Admit waiting sequences into free slots, keep up to `runner.depth` steps in flight, collect the oldest
+        and emit its tokens. With depth 1: one packed forward over every running sequence per call."""
         while self.waiting and self.free_slots:
             seq = self.waiting.popleft()
             seq.slot = self.free_slots.pop(0)
             self.running.append(seq)
-        if not self.running:
-            return
-        decode = sorted((s for s in self.running if s.computed == len(s.tokens) - 1 and s.output), key=lambda s: s.slot)
+        while len(self.in_flight) < max(1, self.runner.depth):
+            step = self._submit()
+            if step is None:
+                break
+            self.in_flight.append(step)
+        if self.in_flight:
+            self._complete(self.in_flight.popleft())
+
+    def _submit(self) -> _Step | None:
+        """Schedule the sequences not in flight (at most 1/depth of the running ones) into one step and submit it."""
+        group = -(-len(self.running) // max(1, self.runner.depth))  # ceil: sequences per step
+        ready = [s for s in self.running if not s.in_flight]
+        decode = sorted((s for s in ready if s.computed == len(s.tokens) - 1 and s.output), key=lambda s: s.slot)
+        decode = decode[:group]
         budget = self.max_batch_tokens - len(decode)
         chunks = [Chunk(s.slot, s.computed, (s.tokens[-1],)) for s in decode]
         scheduled = list(decode)
-        for s in self.running:
-            if s.output or budget <= 0:
+        for s in ready:
+            if s.output or budget <= 0 or len(scheduled) >= group:
                 continue
             n = min(budget, len(s.prompt) - s.computed)
             chunks.append(Chunk(s.slot, s.computed, tuple(s.prompt[s.computed : s.computed + n])))
             scheduled.append(s)
             budget -= n
-        logits = self.runner.forward(chunks).cpu()  # (len(chunks), V); sampling runs on the CPU
-        for seq, chunk, row in zip(scheduled, chunks, logits):
-            seq.computed += len(chunk.tokens)
-            if seq.computed == len(seq.tokens):  # prompt done (or decode step): a new token is due
-                self._emit_token(seq, row)
+        if not chunks:
+            return None
+        # a token is due after a chunk that reaches the end of what the sequence has (decode, or the prompt's end)
+        rows = [s.row() if c.start + len(c.tokens) == len(s.tokens) else None for s, c in zip(scheduled, chunks)]
+        handle = self.runner.submit(chunks, rows)
+        for s in scheduled:
+            s.in_flight = True
+        return _Step(handle, tuple(scheduled), tuple(chunks))
 
-    def _emit_token(self, seq: Sequence, row: torch.Tensor) -> None:
-        p = seq.params
-        if self.vocab_size is not None and row.numel() > self.vocab_size:
-            row = row[: self.vocab_size]
-        logits = row
-        if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
-            logits = apply_penalties(
-                row, torch.tensor(seq.tokens), torch.tensor(seq.output, dtype=torch.long),
-                p.repetition_penalty, p.presence_penalty, p.frequency_penalty,
-            )
-        if p.greedy:
-            token = int(torch.argmax(logits))
-        else:
-            filtered = top_p_filter(top_k_filter(min_p_filter(apply_temperature(logits, p.temperature), p.min_p), p.top_k), p.top_p)
-            token = sample(filtered, seq.generator)
+    def _complete(self, step: _Step) -> None:
+        try:
+            choices = self.runner.collect(step.handle)
+        finally:
+            for seq in step.seqs:
+                seq.in_flight = False
+        for seq, chunk, choice in zip(step.seqs, step.chunks, choices):
+            if seq not in self.running:  # finished (cancelled) while in flight: its slot can go now
+                self._free_slot(seq)
+                continue
+            seq.computed += len(chunk.tokens)
+            if choice is not None:  # prompt done (or decode step): a new token is due
+                self._emit_token(seq, choice)
+
+    def _emit_token(self, seq: Sequence, choice: Choice) -> None:
+        token = choice.token_id
         lp = None
-        if p.logprobs is not None:
-            logsm = torch.log_softmax(row.float(), -1)
-            lp = TokenLogprob(token, float(logsm[token]), tuple(top_logprobs(logsm, p.logprobs)))
+        if seq.params.logprobs is not None:
+            lp = TokenLogprob(token, choice.logprob, choice.top)
         seq.output.append(token)
         if seq.first_token_at is None:
             seq.first_token_at = time.perf_counter()
@@ -229,6 +262,10 @@ class Engine:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        if not seq.in_flight:  # else the slot goes when its step is collected (a new sequence must not share it)
+            self._free_slot(seq)
+
+    def _free_slot(self, seq: Sequence) -> None:
         if seq.slot is not None:
             self.runner.free(seq.slot)
             self.free_slots.append(seq.slot)
@@ -236,6 +273,10 @@ class Engine:
             seq.slot = None
 
     def fail_all(self, message: str, status: int = 500) -> None:
-        """End every request with an error (the runner failed beyond recovery)."""
+        """End every request with an error (the runner failed beyond recovery); steps in flight are dropped."""
+        for step in self.in_flight:
+            for seq in step.seqs:
+                seq.in_flight = False
+        self.in_flight.clear()
         for seq in list(self.waiting) + self.running:
             self._finish(seq, "error", message, status)

@@ -1,21 +1,24 @@
-"""The Runner seam: the engine hands a step's batch of sequence chunks to a runner and gets logits back.
+"""The Runner seam: the engine hands a step's batch of sequence chunks to a runner and gets the next tokens back.
 
 A step batch packs every sequence's new tokens into one row of N tokens: decoding sequences contribute one token,
 prefilling ones a chunk of their prompt. Linear layers see all N tokens at once (one weight read per step); only
-attention is grouped per sequence. LocalRunner holds every stage in this process; a pipeline runner (pool) holds
-them on other machines behind the same two methods.
+attention is grouped per sequence. With the chunks go one `RowSampling` per chunk (None when no token is due yet):
+the runner chooses the tokens where the logits are (`cairn.engine.sampling.choose`) and returns only them.
+LocalRunner holds every stage in this process; a pipeline runner (pool) holds them on other machines behind the
+same methods, and may keep several steps (on disjoint sequences) in flight so that its stages work concurrently.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 
 from cairn.config import ModelConfig
 from cairn.engine.fast import pack_linears
+from cairn.engine.sampling import Choice, RowSampling, choose
 from cairn.models.llama import LlamaStage, rotary_tables
 
 
@@ -33,9 +36,22 @@ class Runner(Protocol):
 
     max_seqs: int
     max_context: int
+    depth: int
+    """How many steps may be in flight at once (submitted, not yet collected); steps in flight at the same time
+    never share a slot."""
+
+    def submit(self, chunks: list[Chunk], rows: list[RowSampling | None]) -> Any:
+        """Start a step: run the chunks and choose a token for each chunk whose row is not None. Returns a handle
+        for `collect`."""
+        ...
+
+    def collect(self, handle: Any) -> list[Choice | None]:
+        """The choices of a submitted step (one per chunk), waiting for it. Steps are collected in submission order."""
+        ...
 
     def forward(self, chunks: list[Chunk]) -> torch.Tensor:
-        """Logits (len(chunks), V), float32, for the last token of each chunk."""
+        """Logits (len(chunks), V), float32, for the last token of each chunk (inspection and tests; not a step
+        the engine takes)."""
         ...
 
     def free(self, slot: int) -> None:
@@ -159,6 +175,14 @@ class LocalRunner:
         self.executors = [StageExecutor(s, max_seqs, max_context, fast) for s in stages]
         self.stages = stages
         self.max_seqs, self.max_context = max_seqs, max_context
+        self.depth = 1
+
+    def submit(self, chunks: list[Chunk], rows: list[RowSampling | None]) -> list[Choice | None]:
+        """Runs the step at once; the handle is its result."""
+        return choose(self.forward(chunks), rows)
+
+    def collect(self, handle: list[Choice | None]) -> list[Choice | None]:
+        return handle
 
     def forward(self, chunks: list[Chunk]) -> torch.Tensor:
         x = None

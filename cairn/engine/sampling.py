@@ -1,10 +1,67 @@
-"""Sampling filters: pure functions over a logits row. The engine composes them per request."""
+"""Choosing tokens: pure functions over logits. Filters work on one row; `choose` composes them for a step's rows.
+
+`choose` is the one place tokens are picked: the local runner calls it in-process, a pool's last stage calls it on
+its node (so only token ids cross the network). Its randomness is a pure function of (request seed, position of
+the token being generated), never a generator's state, so a replayed or re-placed step draws the same tokens.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 NEG_INF = float("-inf")
+_MASK64 = (1 << 64) - 1
+
+
+@dataclass(frozen=True)
+class RowSampling:
+    """How to choose the next token of one row (one request's step): its filters, its seed and the position of the
+    token being generated, and the token history its penalties need (empty when it has none)."""
+
+    temperature: float = 0.0
+    """0 means greedy."""
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int = 0
+    """The request's seed: with `position`, it fixes the random draw."""
+    position: int = 0
+    """Index of the token being chosen in its sequence (prompt + output so far)."""
+    seen: tuple[int, ...] = ()
+    """Prompt + output token ids; only when repetition_penalty != 1."""
+    generated: tuple[int, ...] = ()
+    """Output token ids; only when a presence or frequency penalty is set."""
+    logprobs: int | None = None
+    """Return the chosen token's logprob and this many alternatives."""
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Argmax of the raw logits, nothing else asked: such rows are chosen together in one call."""
+        return (self.greedy and self.logprobs is None and self.repetition_penalty == 1.0
+                and not self.presence_penalty and not self.frequency_penalty)
+
+
+GREEDY = RowSampling()
+"""The row of a plain greedy request (shared: a step's greedy rows serialise as one object)."""
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The token chosen for one row, with its logprob and the top alternatives when they were asked for."""
+
+    token_id: int
+    logprob: float | None = None
+    top: tuple[tuple[int, float], ...] = ()
 
 
 def apply_penalties(
@@ -60,10 +117,63 @@ def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
     return logits.masked_fill(probs < min_p * probs.max(), NEG_INF)
 
 
-def sample(logits: torch.Tensor, generator: torch.Generator | None) -> int:
-    """Draw one token from softmax(logits) with the request's own generator."""
-    probs = logits.softmax(-1)
-    return int(torch.multinomial(probs, 1, generator=generator).item())
+def _mix64(z: int) -> int:
+    """splitmix64's finaliser: a bijection of 64-bit integers that scatters nearby inputs."""
+    z = (z + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def uniform(seed: int, position: int) -> float:
+    """A number in [0, 1) that depends only on (seed, position): the random draw for that token of that request."""
+    return (_mix64(_mix64(seed & _MASK64) ^ (position & _MASK64)) >> 11) * 2.0**-53
+
+
+def draw(logits: torch.Tensor, u: float) -> int:
+    """The token at quantile u of softmax(logits) (inverse CDF); never a token of probability 0."""
+    probs = logits.double().softmax(-1)  # (V,)
+    cdf = probs.cumsum(-1)
+    i = int(torch.searchsorted(cdf, torch.tensor([u * float(cdf[-1])], dtype=torch.float64), right=True))
+    if i >= probs.numel() or probs[i] == 0:  # u * total rounded onto the end of the CDF
+        i = int(probs.nonzero()[-1])
+    return i
+
+
+def choose_row(logits: torch.Tensor, row: RowSampling) -> Choice:
+    """The next token for one row of logits (V,): penalties, then greedy or temperature + filters + draw.
+    Logprobs are those of the model (raw logits), as OpenAI reports them."""
+    x = logits
+    if row.repetition_penalty != 1.0 or row.presence_penalty or row.frequency_penalty:
+        x = apply_penalties(x, torch.tensor(row.seen, dtype=torch.long), torch.tensor(row.generated, dtype=torch.long),
+                            row.repetition_penalty, row.presence_penalty, row.frequency_penalty)
+    if row.greedy:
+        token = int(torch.argmax(x))
+    else:
+        x = top_p_filter(top_k_filter(min_p_filter(apply_temperature(x, row.temperature), row.min_p), row.top_k),
+                         row.top_p)
+        token = draw(x, uniform(row.seed, row.position))
+    if row.logprobs is None:
+        return Choice(token)
+    logsm = torch.log_softmax(logits.float(), -1)  # (V,)
+    return Choice(token, float(logsm[token]), tuple(top_logprobs(logsm, row.logprobs)))
+
+
+def choose(logits: torch.Tensor, rows: Sequence[RowSampling | None]) -> list[Choice | None]:
+    """One choice per row of logits (R, V); None where the row is None (no token is due, e.g. mid-prompt).
+    Plain greedy rows are chosen with one batched argmax."""
+    if len(rows) != logits.shape[0]:
+        raise ValueError(f"{len(rows)} sampling rows for {logits.shape[0]} rows of logits")
+    logits = logits.cpu()
+    out: list[Choice | None] = [None] * len(rows)
+    plain = [i for i, r in enumerate(rows) if r is not None and r.plain_greedy]
+    if plain:
+        for i, t in zip(plain, logits[plain].argmax(-1).tolist()):
+            out[i] = Choice(t)
+    for i, r in enumerate(rows):
+        if r is not None and not r.plain_greedy:
+            out[i] = choose_row(logits[i], r)
+    return out
 
 
 def top_logprobs(logprobs: torch.Tensor, k: int) -> list[tuple[int, float]]:

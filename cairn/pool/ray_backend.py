@@ -1,6 +1,6 @@
 """The pool on Ray: stage actors pinned to nodes, the PipelineRunner that drives them, and failover.
 
-This is the only module that imports `ray`. Each pool node declares its one device through Ray custom resources
+With ray_train.py (training workers), the only module that imports `ray`. Each pool node declares its one device through Ray custom resources
 (the device marker, its memory budget and measured speeds), so Ray's own node table is the registry; placement
 reads it, actors are pinned with node affinity, and a node that dies or leaves simply disappears from it.
 """
@@ -8,9 +8,12 @@ reads it, actors are pinned with node affinity, and a node that dies or leaves s
 from __future__ import annotations
 
 import logging
+import pickle
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import ray
 import torch
@@ -19,6 +22,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from cairn.config import ModelConfig
 from cairn.engine.runner import Chunk, StageExecutor
+from cairn.engine.sampling import Choice, RowSampling, choose
 from cairn.models.checkpoint import build_stage, load_stage, read_tensors, stage_tensor_names
 from cairn.models.llama import TORCH_DTYPES
 from cairn.pool import wire as wirefmt
@@ -36,6 +40,8 @@ NAMESPACE = "cairn"
 # Stage processes: OpenMP threads sleep when idle instead of spinning, so a stage that has finished its part of a
 # step does not steal the cores of the next stage when several stages share a machine.
 STAGE_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+Want = Literal["tokens", "logits", "none"]
+"""What the last stage sends back: chosen token ids (a step), logits (inspection), nothing (a replay)."""
 
 
 def device_resources(memory: int, bandwidth: float, flops: float, cuda: bool) -> dict[str, float]:
@@ -84,7 +90,8 @@ class StageActor:
             stage = build_stage(cfg, layers, tensors, dtype=dtype, device=device, source="the shipped weights")
         self.ex = StageExecutor(stage, max_seqs, max_context)
         self.wire = wire
-        self.bytes_out = 0
+        self.bytes_out = 0  # activations sent to the next stage
+        self.bytes_back = 0  # replies (chosen tokens) sent back to the driver, as pickled
         self.next = None
 
     def set_next(self, handle) -> None:
@@ -99,18 +106,28 @@ class StageActor:
 
         return os.getpid()
 
-    def forward(self, chunks: list[Chunk], x):
+    def forward(self, chunks: list[Chunk], x, rows: list[RowSampling | None] | None, want: Want):
+        """Run this stage's part of a step and pass it on; the last stage chooses the tokens (`rows`, one per chunk)
+        and returns what `want` says, which every stage returns in turn."""
         if x is not None:
             x = wirefmt.decode(x, self.ex.dtype).to(self.ex.device)  # (N, D)
         out = self.ex.run(chunks, x)
         if self.ex.stage.is_last:
-            return out.cpu()  # (n_chunks, V) float32
+            if want == "logits":
+                return out.cpu()  # (n_chunks, V) float32
+            if want == "none":
+                return None
+            reply = wirefmt.encode_choices(choose(out, rows))
+            self.bytes_back += len(pickle.dumps(reply))
+            return reply
         payload = wirefmt.encode(out.cpu(), self.wire)
         self.bytes_out += wirefmt.nbytes(payload)
-        return self.next.forward.remote(chunks, payload)  # a ref to the rest of the pipeline's result
+        # Wait here for the rest of the pipeline: the (small) reply comes back stage by stage, so the driver makes
+        # one call per step, and a dead successor surfaces as an error of this call.
+        return ray.get(self.next.forward.remote(chunks, payload, rows, want))
 
     def stats(self) -> dict:
-        return {"bytes_out": self.bytes_out}
+        return {"bytes_out": self.bytes_out, "bytes_back": self.bytes_back}
 
 
 @ray.remote(num_cpus=0)
@@ -159,17 +176,30 @@ class PipelineStats:
     placements: list[str] = field(default_factory=list)
 
 
+@dataclass
+class PipelineStep:
+    """A step in the pipeline: what was sent, and the ref its reply will come through (renewed if it is resent)."""
+
+    chunks: list[Chunk]
+    rows: list[RowSampling | None]
+    ref: object
+
+
 class PipelineRunner:
-    """Runner over stage actors on pool nodes. Keeps each live slot's token history so that when a stage dies it
-    can re-place the model over the surviving devices, rebuild every KV cache by replaying the histories, and
-    finish the step as if nothing happened."""
+    """Runner over stage actors on pool nodes. Keeps `depth` steps in flight (on disjoint slots), so one stage
+    works on a step while another works on the next. Keeps each live slot's token history so that when a stage
+    dies it can re-place the model over the surviving devices, rebuild every KV cache by replaying the histories,
+    resend the steps in flight and finish them as if nothing happened (token draws depend only on each request's
+    seed and position, so a resent step chooses the same tokens)."""
 
     def __init__(self, model_dir: str | Path, cfg: ModelConfig, *, max_seqs: int, max_context: int, dtype: str,
                  max_batch_tokens: int = 256, wire: str = "fp32", weights: str = "auto", threads: int | None = None,
                  step_timeout: float = 60.0, load_timeout: float = 300.0, max_recoveries: int = 3,
-                 name: str | None = None, nodes: set[str] | None = None):
+                 name: str | None = None, nodes: set[str] | None = None, depth: int | None = None):
         if wire not in wirefmt.WIRE_DTYPES:
             raise ValueError(f"wire dtype must be one of {wirefmt.WIRE_DTYPES}, got {wire!r}")
+        if depth is not None and depth < 1:
+            raise ValueError(f"depth (steps in flight) must be at least 1, got {depth}")
         if weights not in ("auto", "ship", "local"):
             raise ValueError(f"weights must be auto, ship or local, got {weights!r}")
         self.model_dir, self.cfg = str(model_dir), cfg
@@ -177,6 +207,9 @@ class PipelineRunner:
         self.max_seqs, self.max_context, self.dtype = max_seqs, max_context, dtype
         self.max_batch_tokens, self.wire, self.weights, self.threads = max_batch_tokens, wire, weights, threads
         self.step_timeout, self.load_timeout, self.max_recoveries = step_timeout, load_timeout, max_recoveries
+        self.fixed_depth = depth  # None: chosen at each placement (see _auto_depth)
+        self.depth = depth or 1
+        self.in_flight: deque[PipelineStep] = deque()
         self.shape = ModelShape.from_config(cfg, torch.finfo(TORCH_DTYPES[dtype]).bits // 8, max_context, max_seqs,
                                             max_batch_tokens)
         self.history: dict[int, list[int]] = {}  # slot -> tokens whose keys/values the stages hold
@@ -197,6 +230,7 @@ class PipelineRunner:
     def _place_and_load(self) -> None:
         self._kill_actors()
         placement, devices = self.plan()  # PlacementError before anything loads
+        self.depth = self.fixed_depth or _auto_depth([devices[st.device] for st in placement.stages])
         actors = []
         for st in placement.stages:
             dev = devices[st.device]
@@ -204,8 +238,10 @@ class PipelineRunner:
             if self.weights == "ship" or (self.weights == "auto" and not _has_local_copy(dev, self.model_dir)):
                 names = stage_tensor_names(self.cfg, st.layers)
                 tensors = ray.put(read_tensors(self.model_dir, names))
+            # one call per step in flight (each waits for its successors) + one for control calls (ready, stats)
             opts = dict(scheduling_strategy=NodeAffinitySchedulingStrategy(dev.node_id, soft=False),
-                        num_gpus=1 if dev.cuda else 0, runtime_env={"env_vars": STAGE_ENV})
+                        num_gpus=1 if dev.cuda else 0, runtime_env={"env_vars": STAGE_ENV},
+                        max_concurrency=self.depth + 1)
             actors.append(StageActor.options(**opts).remote(
                 self.cfg.to_hf_dict(), st.layers.start, st.layers.end, tensors, self.model_dir,
                 "cuda" if dev.cuda else "cpu", self.dtype, self.max_seqs, self.max_context, self.wire, self.threads))
@@ -224,42 +260,85 @@ class PipelineRunner:
         self.actors = []
 
     # ----- Runner protocol
-    def forward(self, chunks: list[Chunk]) -> torch.Tensor:
-        committed = {c.slot: c.start for c in chunks}
+    def submit(self, chunks: list[Chunk], rows: list[RowSampling | None]) -> PipelineStep:
         if not self.actors:  # capacity was lost earlier: try again now (raises PlacementError if still short)
             self._place_and_load()
-            self._replay(exclude=committed)
+            self._replay(exclude=self._uncommitted(chunks))
+        step = PipelineStep(chunks, rows, self._send(chunks, rows, "tokens"))
+        self.in_flight.append(step)
+        return step
+
+    def collect(self, step: PipelineStep) -> list[Choice | None]:
+        if not self.in_flight or step is not self.in_flight[0]:
+            raise RuntimeError("pipeline steps must be collected in the order they were submitted")
         failures = 0
         while True:
             try:
-                out = self._run(chunks)
+                reply = self._wait(step.ref)
+                break
+            except (RayActorError, GetTimeoutError, RayError) as e:
+                failures += 1
+                if failures > self.max_recoveries:
+                    self.in_flight.clear()
+                    raise
+                self._recover(e)
+        self.in_flight.popleft()
+        self._commit(step.chunks)
+        return wirefmt.decode_choices(reply)
+
+    def forward(self, chunks: list[Chunk]) -> torch.Tensor:
+        """Logits of each chunk's last token, from the last stage (with failover; not while steps are in flight)."""
+        if self.in_flight:
+            raise RuntimeError("forward() while pipeline steps are in flight: collect them first")
+        if not self.actors:
+            self._place_and_load()
+            self._replay(exclude=self._uncommitted(chunks))
+        failures = 0
+        while True:
+            try:
+                out = self._wait(self._send(chunks, None, "logits"))
                 break
             except (RayActorError, GetTimeoutError, RayError) as e:
                 failures += 1
                 if failures > self.max_recoveries:
                     raise
-                t0 = time.perf_counter()
-                log.warning("stage failed (%s); re-placing over the surviving devices", type(e).__name__)
-                self._ban_dead()
-                try:
-                    self._place_and_load()
-                except PlacementError:
-                    self._kill_actors()
-                    raise
-                self._replay(exclude=committed)
-                self.stats.recoveries.append(time.perf_counter() - t0)
+                self._recover(e, extra=chunks)
+        self._commit(chunks)
+        return out
+
+    def _recover(self, error: Exception, extra: list[Chunk] = ()) -> None:
+        """A stage failed: re-place over the surviving devices, replay histories, resend the steps in flight."""
+        t0 = time.perf_counter()
+        log.warning("stage failed (%s); re-placing over the surviving devices", type(error).__name__)
+        self._ban_dead()
+        try:
+            self._place_and_load()
+        except PlacementError:
+            self._kill_actors()
+            self.in_flight.clear()
+            raise
+        self._replay(exclude=self._uncommitted(list(extra)))
+        for st in self.in_flight:
+            st.ref = self._send(st.chunks, st.rows, "tokens")
+        self.stats.recoveries.append(time.perf_counter() - t0)
+
+    def _uncommitted(self, chunks: list[Chunk]) -> dict[int, int]:
+        """slot -> the position its uncommitted work starts at (steps in flight and `chunks`): replay stops there."""
+        out = {c.slot: c.start for st in self.in_flight for c in st.chunks}
+        out.update({c.slot: c.start for c in chunks})
+        return out
+
+    def _commit(self, chunks: list[Chunk]) -> None:
         for c in chunks:
             self.history[c.slot] = self.history.get(c.slot, [])[: c.start] + list(c.tokens)
         self.stats.steps += 1
-        return out
 
-    def _run(self, chunks: list[Chunk]) -> torch.Tensor:
-        """Send the step to the first stage; each stage forwards to the next; unwrap the last stage's logits."""
-        deadline = time.monotonic() + self.step_timeout
-        out = self.actors[0].forward.remote(chunks, None)
-        while isinstance(out, ray.ObjectRef):
-            out = ray.get(out, timeout=max(0.1, deadline - time.monotonic()))
-        return out
+    def _send(self, chunks: list[Chunk], rows: list[RowSampling | None] | None, want: Want):
+        """Send a step to the first stage; each stage forwards to the next. Returns the ref of the reply."""
+        return self.actors[0].forward.remote(chunks, None, rows, want)
+
+    def _wait(self, ref):
+        return ray.get(ref, timeout=self.step_timeout)
 
     def _replay(self, exclude: dict[int, int]) -> None:
         """Rebuild every live slot's KV cache from its token history, up to where the current step starts."""
@@ -274,7 +353,7 @@ class PipelineRunner:
             for c in pending:
                 (rest if c.slot in seen else batch).append(c)
                 seen.add(c.slot)
-            self._run(sorted(batch, key=lambda c: (len(c.tokens) != 1, c.slot)))
+            self._wait(self._send(sorted(batch, key=lambda c: (len(c.tokens) != 1, c.slot)), None, "none"))
             pending = rest
 
     def _ban_dead(self) -> None:
@@ -292,9 +371,22 @@ class PipelineRunner:
         """Activation bytes the stages have sent to their successors."""
         return sum(st["bytes_out"] for st in ray.get([a.stats.remote() for a in self.actors[:-1]], timeout=10))
 
+    def reply_bytes(self) -> int:
+        """Bytes (pickled) of the chosen tokens the last stage has sent back for steps."""
+        return ray.get(self.actors[-1].stats.remote(), timeout=10)["bytes_back"]
+
     def close(self) -> None:
         self._kill_actors()
         _publish(self.name, None)
+
+
+def _auto_depth(stage_devices: list[PoolDevice]) -> int:
+    """Steps to keep in flight: one per stage when the stages are on different machines (each works on its own
+    micro-batch while the others work on theirs); 1 when they all share one machine, where concurrent stages cannot
+    add compute and smaller batches would only read the weights more often."""
+    if len({d.address for d in stage_devices}) <= 1:
+        return 1
+    return len(stage_devices)
 
 
 def _has_local_copy(dev: PoolDevice, model_dir: str) -> bool:

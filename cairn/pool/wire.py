@@ -1,10 +1,13 @@
-"""Activation compression between pipeline stages: fp32 (exact), bf16, or int8 with one fp32 scale per token."""
+"""What crosses the network in a pipeline: activations between stages (fp32 (exact), bf16, or int8 with one fp32
+scale per token), and the chosen tokens the last stage sends back."""
 
 from __future__ import annotations
 
 from typing import Literal
 
 import torch
+
+from cairn.engine.sampling import Choice
 
 WireDType = Literal["fp32", "bf16", "int8"]
 WIRE_DTYPES = ("fp32", "bf16", "int8")
@@ -33,3 +36,16 @@ def nbytes(payload) -> int:
     if isinstance(payload, tuple):
         return sum(t.numel() * t.element_size() for t in payload)
     return payload.numel() * payload.element_size()
+
+
+def encode_choices(choices: list[Choice | None]) -> tuple[list[int], dict[int, tuple[float, tuple]]]:
+    """What the last stage sends back per step: one token id per row (-1 where none was due), plus the logprobs of
+    the rows that asked for them, by row. Token ids only, never logits."""
+    ids = [-1 if c is None else c.token_id for c in choices]
+    extra = {i: (c.logprob, c.top) for i, c in enumerate(choices) if c is not None and c.logprob is not None}
+    return ids, extra
+
+
+def decode_choices(reply: tuple[list[int], dict[int, tuple[float, tuple]]]) -> list[Choice | None]:
+    ids, extra = reply
+    return [None if t < 0 else Choice(t, *extra[i]) if i in extra else Choice(t) for i, t in enumerate(ids)]
