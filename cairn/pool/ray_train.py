@@ -161,49 +161,46 @@ class PoolTrainer:
     def _shapes(self) -> dict[str, torch.Size]:
         return {k: p.shape for k, p in self.globl.params.items()}
 
-    def diloco_round(self) -> dict:
+    def _exchange(self, call, timeout: float) -> tuple[dict, dict[str, dict], dict]:
+        """Ship the global weights once, run `call(actor, weights_ref)` on every worker, and return the weights,
+        the results by node, and the token-weighted average of their decompressed payloads (plus loss, tokens)."""
         weights = self._weights()
         ref = ray.put(weights)
+        self.bytes_down += len(self.workers) * sum(t.numel() * t.element_size() for t in weights.values())
+        results = self._gather({node: call(a, ref) for node, (a, _) in self.workers.items()}, timeout)
+        if not results:
+            raise CapacityError(f"every worker failed in round {self.round}")
+        tokens = [r["tokens"] for r in results.values()]
+        self.bytes_up += sum(diloco.payload_bytes(r["payload"]) for r in results.values())
+        avg = diloco.weighted_average([diloco.decompress(r["payload"], self._shapes()) for r in results.values()],
+                                      tokens)
+        summary = {"loss": sum(r["loss"] * r["tokens"] for r in results.values()) / sum(tokens),
+                   "step_tokens": sum(tokens), "workers": len(results)}
+        return weights, results, {"avg": avg, **summary}
+
+    def diloco_round(self) -> dict:
         budget = None
         if self.step_seconds and self.cfg.round_slack > 0:
             budget = diloco.round_budget(self.step_seconds, self.cfg.inner_steps, self.cfg.round_slack)
-        self.bytes_down += len(self.workers) * sum(t.numel() * t.element_size() for t in weights.values())
-        calls = {node: a.run_round.remote(ref, self.cfg.inner_steps, budget, self.cfg.delta_dtype)
-                 for node, (a, _) in self.workers.items()}
-        timeout = 600 if budget is None else 4 * budget + 120
-        results = self._gather(calls, timeout)
-        if not results:
-            raise CapacityError("every worker failed in this round")
-        deltas = [diloco.decompress(r["payload"], self._shapes()) for r in results.values()]
-        tokens = [r["tokens"] for r in results.values()]
-        self.bytes_up += sum(diloco.payload_bytes(r["payload"]) for r in results.values())
-        new = self.outer.step(weights, diloco.weighted_average(deltas, tokens))
+        weights, results, m = self._exchange(
+            lambda a, ref: a.run_round.remote(ref, self.cfg.inner_steps, budget, self.cfg.delta_dtype),
+            600 if budget is None else 4 * budget + 120)
+        new = self.outer.step(weights, m.pop("avg"))
         with torch.no_grad():
             for k, p in self.globl.params.items():
                 p.copy_(new[k])
         for node, r in results.items():
             self.step_seconds[node] = r["step_s"]
-        return {"loss": sum(r["loss"] * r["tokens"] for r in results.values()) / sum(tokens),
-                "step_tokens": sum(tokens), "workers": len(results),
-                "inner_steps": {self.workers[n][1]: r["steps"] for n, r in results.items() if n in self.workers}}
+        m["inner_steps"] = {self.workers[n][1]: r["steps"] for n, r in results.items() if n in self.workers}
+        return m
 
     def sync_round(self) -> dict:
-        weights = self._weights()
-        ref = ray.put(weights)
-        self.bytes_down += len(self.workers) * sum(t.numel() * t.element_size() for t in weights.values())
-        calls = {node: a.gradient.remote(ref, self.round, self.cfg.delta_dtype) for node, (a, _) in self.workers.items()}
-        results = self._gather(calls, 600)
-        if not results:
-            raise CapacityError("every worker failed in this step")
-        grads = [diloco.decompress(r["payload"], self._shapes()) for r in results.values()]
-        tokens = [r["tokens"] for r in results.values()]
-        self.bytes_up += sum(diloco.payload_bytes(r["payload"]) for r in results.values())
-        avg = diloco.weighted_average(grads, tokens)
+        _, _, m = self._exchange(lambda a, ref: a.gradient.remote(ref, self.round, self.cfg.delta_dtype), 600)
+        avg = m.pop("avg")
         for k, p in self.globl.params.items():
             p.grad = avg[k].to(p.dtype)
         self.globl.apply()
-        return {"loss": sum(r["loss"] * r["tokens"] for r in results.values()) / sum(tokens),
-                "step_tokens": sum(tokens), "workers": len(results)}
+        return m
 
     def run(self, on_round: Callable[[dict], None] | None = None) -> dict:
         out = Path(self.cfg.out)

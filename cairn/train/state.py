@@ -19,8 +19,13 @@ from cairn.errors import ModelLoadError
 _NAME = "step-"
 
 
+def _complete(ckpt_dir: Path) -> list[Path]:
+    """Finished checkpoints, oldest first (a `.tmp` directory is one whose writing never finished)."""
+    return sorted(p for p in ckpt_dir.glob(f"{_NAME}*") if p.is_dir() and not p.name.endswith(".tmp"))
+
+
 def latest(ckpt_dir: Path) -> Path | None:
-    done = sorted(p for p in ckpt_dir.glob(f"{_NAME}*") if p.is_dir() and not p.name.endswith(".tmp"))
+    done = _complete(ckpt_dir)
     return done[-1] if done else None
 
 
@@ -55,8 +60,7 @@ def save(ckpt_dir: Path, trainer, keep: int) -> Path:
     (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=1))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    done = sorted(p for p in ckpt_dir.glob(f"{_NAME}*") if p.is_dir() and not p.name.endswith(".tmp"))
-    for old in done[:-keep]:
+    for old in _complete(ckpt_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
