@@ -332,7 +332,10 @@ def pool_status(address: str | None = None, token: str | None = None, json_out: 
         d = n["device"]
         dev = "no device" if d is None else (f"{d['kind']}, {d['memory_bytes'] / 2**30:.2f} GiB, "
                                              f"{d['bandwidth_gbs']:.1f} GB/s, {d['gflops']:.1f} GFLOP/s")
-        run = "; ".join(f"{r['model']} layers {r['layers']}" for r in n["running"]) or "idle"
+        run = "; ".join([f"{r['model']} layers {r['layers']}" for r in n["running"]]
+                        + [f"training worker {t['worker']} of {t['run']} ({t['recipe']}, {t['sync']}, round "
+                           f"{t['round']}/{t['rounds']}, {t.get('tokens_per_s', 0):.0f} tok/s)"
+                           for t in n["training"]]) or "idle"
         print(f"  {n['node_id'][:12]} {n['address']} {'head ' if n['is_head'] else ''}"
               f"{'alive' if n['alive'] else 'DEAD'}: {dev}; {run}")
     return 0

@@ -212,7 +212,9 @@ def status() -> dict:
 
     from cairn.pool.ray_backend import RES_BANDWIDTH_MBS, RES_CUDA, RES_DEVICE, RES_MEMORY_MB, RES_MFLOPS, placements
 
-    running = placements()
+    boards = placements()  # served models by name, training runs as "train:OUT_DIR"
+    training = {k.removeprefix("train:"): v for k, v in boards.items() if k.startswith("train:")}
+    models = {k: v for k, v in boards.items() if not k.startswith("train:")}
     nodes = []
     for n in ray.nodes():
         res = n.get("Resources", {})
@@ -223,6 +225,8 @@ def status() -> dict:
                                "memory_bytes": int(res[RES_MEMORY_MB]) * 10**6,
                                "bandwidth_gbs": res[RES_BANDWIDTH_MBS] / 1e3, "gflops": res[RES_MFLOPS] / 1e3}
         entry["running"] = [{"model": m, "layers": f"[{s['start']}, {s['end']})"}
-                            for m, stages in running.items() for s in stages if s["node_id"] == n["NodeID"]]
+                            for m, stages in models.items() for s in stages if s["node_id"] == n["NodeID"]]
+        entry["training"] = [{"run": run, **{k: v for k, v in w.items() if k != "node_id"}}
+                             for run, workers in training.items() for w in workers if w["node_id"] == n["NodeID"]]
         nodes.append(entry)
-    return {"nodes": nodes, "models": running}
+    return {"nodes": nodes, "models": models, "training": training}

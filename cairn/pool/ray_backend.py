@@ -159,7 +159,7 @@ def placements() -> dict[str, list[dict]]:
         return {}
 
 
-def _publish(key: str, stages: list[dict] | None) -> None:
+def publish(key: str, stages: list[dict] | None) -> None:
     """Best effort: status display must never break serving."""
     try:
         board = _board()
@@ -250,7 +250,7 @@ class PipelineRunner:
         ray.get([a.set_next.remote(b) for a, b in zip(actors, actors[1:])], timeout=self.load_timeout)
         self.placement = placement
         self.stats.placements.append(placement.describe())
-        _publish(self.name, [{"node_id": n, "start": st.layers.start, "end": st.layers.end}
+        publish(self.name, [{"node_id": n, "start": st.layers.start, "end": st.layers.end}
                              for n, st in zip(self.actor_nodes, placement.stages)])
         log.info("placed %s", placement.describe())
 
@@ -377,7 +377,7 @@ class PipelineRunner:
 
     def close(self) -> None:
         self._kill_actors()
-        _publish(self.name, None)
+        publish(self.name, None)
 
 
 def _auto_depth(stage_devices: list[PoolDevice]) -> int:

@@ -24,8 +24,8 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from cairn.errors import CapacityError, UserError
 from cairn.models.checkpoint import read_tensors, stage_tensor_names, write_json
-from cairn.pool.ray_backend import STAGE_ENV, pool_devices
-from cairn.train import diloco
+from cairn.pool.ray_backend import STAGE_ENV, pool_devices, publish
+from cairn.train import diloco, state
 from cairn.train.config import TrainConfig
 from cairn.train.loop import Trainer, plot_losses, prepare
 from cairn.types import LayerRange
@@ -36,12 +36,13 @@ class TrainWorker:
     """One worker: a Trainer over the shipped weights and data, with its own data order (seed + index)."""
 
     def __init__(self, cfg: TrainConfig, index: int, model_cfg, data, tensors, total_steps: int,
-                 slowdown: float = 1.0, threads: int | None = None):
+                 start_step: int = 0, slowdown: float = 1.0, threads: int | None = None):
         if threads:
             torch.set_num_threads(threads)
         cfg = replace(cfg, seed=cfg.seed + 1009 * (index + 1), device="cuda" if torch.cuda.is_available()
                       and cfg.device.startswith("cuda") else cfg.device)
         self.trainer = Trainer(cfg, model_cfg, data, total_steps, tensors=tensors)
+        self.trainer.seek(start_step)  # a worker that joins mid-run picks up the schedule where the run is
         self.slowdown = slowdown
 
     def pid(self) -> int:
@@ -104,8 +105,12 @@ class PoolTrainer:
         self.workers: dict[str, tuple[ray.actor.ActorHandle, int]] = {}  # node id -> (actor, index)
         self.next_index = 0
         self.step_seconds: dict[str, float] = {}
+        self.speeds: dict[str, dict] = {}  # node id -> last round's steps, tokens and tokens/s (for pool status)
         self.bytes_up = self.bytes_down = 0
         self.round = 0
+        self.tokens = 0
+        self.elapsed = 0.0  # training seconds before this process (a resumed run)
+        self.key = f"train:{Path(cfg.out).resolve()}"
 
     # --- membership ----------------------------------------------------------------------------------------
 
@@ -118,9 +123,10 @@ class PoolTrainer:
             self.next_index += 1
             opts = dict(scheduling_strategy=NodeAffinitySchedulingStrategy(dev.node_id, soft=False),
                         num_gpus=1 if dev.cuda else 0, runtime_env={"env_vars": STAGE_ENV})
+            start = self.round * self.cfg.inner_steps if self.cfg.sync == "diloco" else self.round
             actor = TrainWorker.options(**opts).remote(
                 self.cfg, index, self.model_cfg, self.data_ref, self.tensors_ref, self.total,
-                self.slowdown.get(index, 1.0), self.threads)
+                min(start, self.total), self.slowdown.get(index, 1.0), self.threads)
             self.workers[dev.node_id] = (actor, index)
             if self.round:
                 self.log(f"round {self.round}: worker {index} joined on node {dev.node_id[:12]}")
@@ -130,6 +136,7 @@ class PoolTrainer:
     def _drop(self, node: str, why: str) -> None:
         actor, index = self.workers.pop(node)
         self.step_seconds.pop(node, None)
+        self.speeds.pop(node, None)
         self.log(f"round {self.round}: worker {index} dropped ({why})")
         ray.kill(actor, no_restart=True)
 
@@ -167,9 +174,13 @@ class PoolTrainer:
         weights = self._weights()
         ref = ray.put(weights)
         self.bytes_down += len(self.workers) * sum(t.numel() * t.element_size() for t in weights.values())
+        t0 = time.perf_counter()
         results = self._gather({node: call(a, ref) for node, (a, _) in self.workers.items()}, timeout)
         if not results:
             raise CapacityError(f"every worker failed in round {self.round}")
+        secs = time.perf_counter() - t0
+        for node, r in results.items():
+            self.speeds[node] = {"tokens": r["tokens"], "tokens_per_s": r["tokens"] / max(secs, 1e-9)}
         tokens = [r["tokens"] for r in results.values()]
         self.bytes_up += sum(diloco.payload_bytes(r["payload"]) for r in results.values())
         avg = diloco.weighted_average([diloco.decompress(r["payload"], self._shapes()) for r in results.values()],
@@ -202,45 +213,91 @@ class PoolTrainer:
         self.globl.apply()
         return m
 
+    # --- checkpoints and status ----------------------------------------------------------------------------
+
+    def _save(self, ckpts: Path) -> None:
+        """The global model, outer momentum (DiLoCo) or AdamW state (sync), round, tokens and byte counts."""
+        self.globl.step_count, self.globl.tokens = self.round, self.tokens
+        extra = {"round": self.round, "tokens": self.tokens, "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
+                 "next_index": self.next_index, "elapsed_s": self.elapsed, "sync": self.cfg.sync}
+        state.save(ckpts, self.globl, self.cfg.keep_checkpoints, extra,
+                   {f"outer.{k}": v for k, v in self.outer.buffers.items()})
+
+    def _resume(self, ckpts: Path, metrics_path: Path) -> None:
+        latest = state.latest(ckpts)
+        if latest is not None and not self.cfg.resume:
+            raise UserError(f"{self.cfg.out} already holds checkpoints of a run; pass --resume to continue it or "
+                            "choose another --out")
+        if latest is None:
+            if self.cfg.resume:
+                self.log(f"nothing to resume in {ckpts}; starting from round 0")
+            metrics_path.unlink(missing_ok=True)
+            return
+        extra, tensors = state.load(latest, self.globl)
+        if extra.get("sync") != self.cfg.sync:
+            raise UserError(f"{latest} was written by a --sync {extra.get('sync')} run; resume it with the same mode")
+        self.round, self.tokens = extra["round"], extra["tokens"]
+        self.bytes_up, self.bytes_down = extra["bytes_up"], extra["bytes_down"]
+        self.next_index, self.elapsed = extra["next_index"], extra["elapsed_s"]
+        self.outer.buffers = {k.removeprefix("outer."): v for k, v in tensors.items() if k.startswith("outer.")}
+        state.truncate_metrics(metrics_path, self.round)
+        self.log(f"resumed from {latest} (round {self.round} of {self.rounds})")
+
+    def _publish(self, finished: bool = False) -> None:
+        """What `cairn pool status` shows: each worker's node, last round's tokens/s, and the run's progress."""
+        if finished:
+            publish(self.key, None)
+            return
+        publish(self.key, [{"node_id": node, "worker": index, "round": self.round, "rounds": self.rounds,
+                            "recipe": self.cfg.recipe, "sync": self.cfg.sync, **self.speeds.get(node, {})}
+                           for node, (_, index) in self.workers.items()])
+
     def run(self, on_round: Callable[[dict], None] | None = None) -> dict:
         out = Path(self.cfg.out)
         out.mkdir(parents=True, exist_ok=True)
-        metrics_path = out / "metrics.jsonl"
-        metrics_path.unlink(missing_ok=True)
+        metrics_path, ckpts = out / "metrics.jsonl", out / "checkpoints"
+        self._resume(ckpts, metrics_path)
         write_json(out / "train_config.json", self.cfg.to_dict())
         self._fill()
         self.log(f"{self.cfg.recipe} on {len(self.workers)} pool worker(s), {self.cfg.sync}: {self.rounds} rounds"
                  + (f" of up to {self.cfg.inner_steps} inner steps" if self.cfg.sync == "diloco" else ""))
-        t0 = time.perf_counter()
-        tokens = 0
+        t0 = time.perf_counter() - self.elapsed
         ev: dict = {}
-        with metrics_path.open("a") as mf:
-            while self.round < self.rounds:
-                self._fill()
-                m = self.diloco_round() if self.cfg.sync == "diloco" else self.sync_round()
-                self.round += 1
-                tokens += m["step_tokens"]
-                m.update(step=self.round, tokens=tokens, bytes_up=self.bytes_up, bytes_down=self.bytes_down,
-                         elapsed_s=time.perf_counter() - t0)
-                mf.write(json.dumps(m) + "\n")
-                every = self.cfg.eval_every
-                if every and self.round % every == 0 and self.round < self.rounds:
-                    ev = self.globl.evaluate()
-                    if ev:
-                        mf.write(json.dumps({"step": self.round, **ev, "bytes_up": self.bytes_up}) + "\n")
-                mf.flush()
-                if on_round is not None:
-                    on_round(m)
-            ev = self.globl.evaluate()
-            if ev:
-                mf.write(json.dumps({"step": self.round, **ev, "bytes_up": self.bytes_up}) + "\n")
-        for actor, _ in self.workers.values():
-            ray.kill(actor, no_restart=True)
+        try:
+            with metrics_path.open("a") as mf:
+                while self.round < self.rounds:
+                    self._fill()
+                    self._publish()
+                    m = self.diloco_round() if self.cfg.sync == "diloco" else self.sync_round()
+                    self.round += 1
+                    self.tokens += m["step_tokens"]
+                    self.elapsed = time.perf_counter() - t0
+                    m.update(step=self.round, tokens=self.tokens, bytes_up=self.bytes_up, bytes_down=self.bytes_down,
+                             elapsed_s=self.elapsed)
+                    mf.write(json.dumps(m) + "\n")
+                    every = self.cfg.eval_every
+                    if every and self.round % every == 0 and self.round < self.rounds:
+                        ev = self.globl.evaluate()
+                        if ev:
+                            mf.write(json.dumps({"step": self.round, **ev, "bytes_up": self.bytes_up}) + "\n")
+                    mf.flush()
+                    if self.cfg.save_every and self.round % self.cfg.save_every == 0 and self.round < self.rounds:
+                        self._save(ckpts)
+                    if on_round is not None:
+                        on_round(m)
+                ev = self.globl.evaluate()
+                if ev:
+                    mf.write(json.dumps({"step": self.round, **ev, "bytes_up": self.bytes_up}) + "\n")
+        finally:
+            for actor, _ in self.workers.values():
+                ray.kill(actor, no_restart=True)
+            self._publish(finished=True)
+        self._save(ckpts)
         self.globl.export(out, {"cairn_train": json.dumps({"recipe": self.cfg.recipe, "sync": self.cfg.sync,
-                                                            "rounds": self.round, "tokens": tokens})})
+                                                            "rounds": self.round, "tokens": self.tokens})})
         plot_losses(metrics_path, out / "loss.png")
         secs = time.perf_counter() - t0
-        self.log(f"done: {self.round} rounds, {tokens} tokens, {self.bytes_up / 1e6:.2f} MB sent up, "
+        self.log(f"done: {self.round} rounds, {self.tokens} tokens, {self.bytes_up / 1e6:.2f} MB sent up, "
                  f"{secs:.1f}s" + "".join(f", {k} {v:.4f}" for k, v in ev.items()))
-        return {"rounds": self.round, "tokens": tokens, "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
+        return {"rounds": self.round, "tokens": self.tokens, "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
                 "seconds": secs, **ev}

@@ -177,6 +177,16 @@ class Trainer:
         self.step_count += 1
         return {"lr": lr, "grad_norm": float(grad_norm), "step": self.step_count}
 
+    def seek(self, step: int) -> None:
+        """Continue from optimizer step `step` of the schedule and data order (a pool worker that joins mid-run
+        or restarts after a resume); optimizer moments start fresh."""
+        self.step_count = step
+        self.scheduler.last_epoch = step
+        lrs = [base * lr_factor(step, self.cfg, self.total) for base in self.scheduler.base_lrs]
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        self.scheduler._last_lr = lrs
+
     def step(self) -> dict:
         """Take the next optimizer step; returns its metrics."""
         t0 = time.perf_counter()

@@ -29,7 +29,10 @@ def latest(ckpt_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def save(ckpt_dir: Path, trainer, keep: int) -> Path:
+def save(ckpt_dir: Path, trainer, keep: int, extra: dict | None = None,
+         extra_tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write a checkpoint of `trainer`; `extra` (JSON) and `extra_tensors` carry a caller's own state (the pool
+    trainer's round, byte counts and outer-optimizer momentum)."""
     final = ckpt_dir / f"{_NAME}{trainer.step_count:08d}"
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -57,6 +60,10 @@ def save(ckpt_dir: Path, trainer, keep: int) -> Path:
         "scheduler": {k: v for k, v in trainer.scheduler.state_dict().items() if k != "lr_lambdas"},
         "config": trainer.cfg.to_dict(),
     }
+    if extra is not None:
+        meta["extra"] = extra
+    if extra_tensors:
+        save_file({k: v.detach().contiguous().cpu() for k, v in extra_tensors.items()}, str(tmp / "extra.safetensors"))
     (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=1))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -65,12 +72,14 @@ def save(ckpt_dir: Path, trainer, keep: int) -> Path:
     return final
 
 
-def load(path: Path, trainer) -> None:
-    """Restore a trainer to the moment `save` was called."""
+def load(path: Path, trainer) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Restore a trainer to the moment `save` was called; returns the caller's `extra` and `extra_tensors`."""
     try:
         meta = json.loads((path / "trainer_state.json").read_text())
         weights = load_file(str(path / "trainable.safetensors"))
         tensors = load_file(str(path / "optimizer.safetensors"))
+        extra_file = path / "extra.safetensors"
+        extra_tensors = load_file(str(extra_file)) if extra_file.is_file() else {}
     except (OSError, json.JSONDecodeError, SafetensorError) as e:
         raise ModelLoadError(f"checkpoint {path} is damaged ({e}); delete it to resume from the one before") from None
     if meta["param_names"] != list(trainer.params):
@@ -95,6 +104,7 @@ def load(path: Path, trainer) -> None:
     cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)
+    return meta.get("extra", {}), extra_tensors
 
 
 def truncate_metrics(metrics_path: Path, step: int) -> None:

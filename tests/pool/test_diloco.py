@@ -1,6 +1,7 @@
 """DiLoCo on a local 3-node Ray cluster: close to synchronous DP for far fewer bytes; survives a killed worker;
 slower workers take fewer steps; int8 deltas stay close to fp32."""
 
+import json
 import os
 import signal
 
@@ -83,3 +84,68 @@ def test_int8_deltas_close_to_fp32(ray_cluster, base, corpus, tmp_path):
     int8, _ = run(ray_cluster, base, corpus, tmp_path / "int8", max_steps=20, round_slack=0, delta_dtype="int8")
     assert int8["bytes_up"] < 0.3 * fp32["bytes_up"]
     assert abs(int8["eval_loss"] - fp32["eval_loss"]) < 0.05 * fp32["eval_loss"], (int8, fp32)
+
+
+def test_resume_after_the_pool_stops_and_status_shows_workers(ray_cluster, base, corpus, tmp_path):
+    from cairn.errors import UserError
+    from cairn.pool import control
+
+    seen, status = [], []
+
+    def stop_after_two(m):
+        seen.append(m["step"])
+        status.append([t for n in control.status()["nodes"] for t in n["training"]])
+        if m["step"] == 2:
+            raise KeyboardInterrupt  # the whole pool goes away after round 2's checkpoint
+
+    with pytest.raises(KeyboardInterrupt):
+        run(ray_cluster, base, corpus, tmp_path / "o", on_round=stop_after_two, save_every=2, eval_every=1)
+    assert (tmp_path / "o" / "checkpoints" / "step-00000002" / "extra.safetensors").is_file()
+    shown = status[-1]  # published before round 2, with round 1's speeds
+    assert len(shown) == 3 and all(t["tokens_per_s"] > 0 and t["round"] == 1 for t in shown), shown
+    with pytest.raises(UserError, match="--resume"):
+        run(ray_cluster, base, corpus, tmp_path / "o")
+    resumed, logs = run(ray_cluster, base, corpus, tmp_path / "o", on_round=lambda m: seen.append(m["step"]),
+                        resume=True)
+    assert seen == [1, 2, 3, 4] and resumed["rounds"] == 4  # only the remaining rounds ran
+    assert any("resumed from" in line and "round 2 of 4" in line for line in logs), logs
+    assert not [t for n in control.status()["nodes"] for t in n["training"]]  # unpublished when done
+    steps = [json.loads(line)["step"] for line in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == [1, 2, 3, 4]  # round lines written once each, across the stop
+    lines = [json.loads(line) for line in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
+    at_checkpoint = next(m["eval_loss"] for m in lines if m["step"] == 2 and "eval_loss" in m)
+    assert resumed["eval_loss"] < at_checkpoint  # the resumed run went on from the checkpoint's weights
+
+
+def test_a_joining_device_gets_a_worker_that_contributes(ray_cluster, base, corpus, tmp_path):
+    from cairn.pool.ray_backend import device_resources
+
+    cluster, _ = ray_cluster
+    rounds, added = [], []
+
+    def join_one(m):
+        rounds.append(m)
+        if m["step"] == 1:
+            added.append(cluster.add_node(num_cpus=1, object_store_memory=80 * 10**6, node_ip_address="127.0.0.1",
+                                          resources=device_resources(int(400e6), 10e9, 5e10, False)))
+            cluster.wait_for_nodes()
+
+    try:
+        _, logs = run(ray_cluster, base, corpus, tmp_path / "o", on_round=join_one, workers=4, max_steps=30)
+    finally:
+        for node in added:
+            cluster.remove_node(node)
+    assert [r["workers"] for r in rounds] == [3, 4, 4], rounds
+    assert any("worker 3 joined" in line for line in logs), logs
+    assert all(len(r["inner_steps"]) == 4 for r in rounds[1:])
+
+
+def test_lora_dpo_on_the_pool(ray_cluster, base, tmp_path):
+    pairs = [{"prompt": f"Is the {a} {n} near the river?", "chosen": "yes, gladly.", "rejected": "no. I refuse."}
+             for a in ("small", "big", "red") for n in ("cat", "dog", "fox")]
+    data = write_jsonl(tmp_path / "dpo.jsonl", pairs)
+    result, _ = run(ray_cluster, base, (data, data), tmp_path / "o", recipe="dpo", lora_rank=4, max_steps=6,
+                    inner_steps=3, batch_size=4, workers=2, lr=1e-2)
+    assert result["rounds"] == 2 and result["eval_reward_margin"] > 0, result
+    assert (tmp_path / "o" / "adapter" / "adapter_model.safetensors").is_file()

@@ -71,3 +71,19 @@ def test_half_written_checkpoint_is_ignored(base_model, tmp_path):
     (ckpts / "step-00000009.tmp").mkdir()  # a crash while writing step 9
     assert state.latest(ckpts).name == "step-00000002"
     assert sorted(p.name for p in ckpts.iterdir()) == ["step-00000001", "step-00000002", "step-00000009.tmp"]
+
+
+def test_seek_continues_the_schedule_where_a_run_is(base_model, tmp_path):
+    """What a pool worker that joins mid-run does: the learning rate it uses at step k is that of an uninterrupted
+    run at step k."""
+    from cairn.train.loop import Trainer, prepare
+
+    data = write_jsonl(tmp_path / "p.jsonl", [{"text": t} for t in grammar_sentences(80, 3)])
+    cfg = TrainConfig.build(recipe="pretrain", model=str(base_model), data=[str(data)], out=str(tmp_path / "o"),
+                            seq_len=32, batch_size=4, max_steps=12, warmup_steps=3, lr=1e-3, progress=False)
+    cfg, model_cfg, _, ds, total = prepare(cfg)
+    walked, jumped = Trainer(cfg, model_cfg, ds, total), Trainer(cfg, model_cfg, ds, total)
+    lrs = [walked.step()["lr"] for _ in range(7)]
+    jumped.seek(5)
+    assert jumped.step()["lr"] == pytest.approx(lrs[5]) and jumped.step()["lr"] == pytest.approx(lrs[6])
+    assert jumped.step_count == walked.step_count == 7
