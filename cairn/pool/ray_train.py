@@ -2,9 +2,11 @@
 
 One TrainWorker actor per pool device holds a Trainer (model, inner AdamW, its own data order). The driver holds
 the global model and the outer optimizer. Per round it ships the global weights once through the object store,
-each worker takes up to H inner steps within the round's time budget and returns its compressed pseudo-gradient
-and token count, and the driver applies the token-weighted average with Nesterov momentum. A worker that dies is
-dropped at that round; a device that joins gets a worker that starts from the current global weights next round.
+each worker takes up to H inner steps and returns its compressed pseudo-gradient and token count, and the driver
+applies the token-weighted average with Nesterov momentum. A round ends shortly after the first worker is done:
+slower ones are asked to stop where they are, so they count for fewer tokens instead of holding the others. A worker
+that dies is dropped at that round; a device that joins gets a worker that starts from the current global weights
+and schedule position next round.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from cairn.train.loop import Trainer, plot_losses, prepare
 from cairn.types import LayerRange
 
 
-@ray.remote(num_cpus=0, max_restarts=0)
+@ray.remote(num_cpus=0, max_restarts=0, max_concurrency=2)  # two threads: a round runs while stop() arrives
 class TrainWorker:
     """One worker: a Trainer over the shipped weights and data, with its own data order (seed + index)."""
 
@@ -44,6 +46,7 @@ class TrainWorker:
         self.trainer = Trainer(cfg, model_cfg, data, total_steps, tensors=tensors)
         self.trainer.seek(start_step)  # a worker that joins mid-run picks up the schedule where the run is
         self.slowdown = slowdown
+        self.stop_round = -1  # the newest round the driver has asked to stop
 
     def pid(self) -> int:
         return os.getpid()
@@ -57,20 +60,21 @@ class TrainWorker:
         if self.slowdown > 1.0:  # a deliberately slower device (tests and benchmarks of heterogeneity)
             time.sleep(seconds * (self.slowdown - 1.0))
 
-    def run_round(self, weights: dict, max_steps: int, budget_s: float | None, dtype: str) -> dict:
-        """Inner steps from the global weights until max_steps or the time budget; returns the pseudo-gradient."""
+    def stop(self, round_: int) -> None:
+        """End round `round_` after the step in progress (the first worker has finished; don't hold the round)."""
+        self.stop_round = max(self.stop_round, round_)
+
+    def run_round(self, round_: int, weights: dict, max_steps: int, dtype: str) -> dict:
+        """Inner steps from the global weights until max_steps or stop(round_); returns the pseudo-gradient."""
         self._load(weights)
         start = {k: p.detach().clone() for k, p in self.trainer.params.items()}
         t0 = time.perf_counter()
         steps, tokens, loss = 0, 0, 0.0
-        while steps < max_steps:
+        while steps < max_steps and (steps == 0 or self.stop_round < round_):
             s0 = time.perf_counter()
             m = self.trainer.step()
             self._throttle(time.perf_counter() - s0)
             steps, tokens, loss = steps + 1, tokens + m["step_tokens"], loss + m["loss"]
-            elapsed = time.perf_counter() - t0
-            if budget_s is not None and elapsed + elapsed / steps > budget_s:
-                break
         end = {k: p.detach() for k, p in self.trainer.params.items()}
         payload = diloco.compress(diloco.pseudo_gradient(start, end), dtype)
         secs = time.perf_counter() - t0
@@ -104,7 +108,6 @@ class PoolTrainer:
         self.tensors_ref = ray.put(read_tensors(cfg.model, names))
         self.workers: dict[str, tuple[ray.actor.ActorHandle, int]] = {}  # node id -> (actor, index)
         self.next_index = 0
-        self.step_seconds: dict[str, float] = {}
         self.speeds: dict[str, dict] = {}  # node id -> last round's steps, tokens and tokens/s (for pool status)
         self.bytes_up = self.bytes_down = 0
         self.round = 0
@@ -116,6 +119,7 @@ class PoolTrainer:
 
     def _fill(self) -> None:
         """Start workers on unused alive devices until cfg.workers are running."""
+        started: dict[str, ray.ObjectRef] = {}
         for dev in pool_devices(exclude=set(self.workers)):
             if len(self.workers) >= self.cfg.workers:
                 break
@@ -128,36 +132,53 @@ class PoolTrainer:
                 self.cfg, index, self.model_cfg, self.data_ref, self.tensors_ref, self.total,
                 min(start, self.total), self.slowdown.get(index, 1.0), self.threads)
             self.workers[dev.node_id] = (actor, index)
+            started[dev.node_id] = actor.pid.remote()
             if self.round:
                 self.log(f"round {self.round}: worker {index} joined on node {dev.node_id[:12]}")
+        # New workers are ready (model built) before the round starts, so round timing measures training only.
+        self._gather(started, timeout=600)
         if not self.workers:
             raise CapacityError("the pool has no device to train on")
 
     def _drop(self, node: str, why: str) -> None:
         actor, index = self.workers.pop(node)
-        self.step_seconds.pop(node, None)
         self.speeds.pop(node, None)
         self.log(f"round {self.round}: worker {index} dropped ({why})")
         ray.kill(actor, no_restart=True)
 
-    def _gather(self, calls: dict[str, ray.ObjectRef], timeout: float | None) -> dict[str, dict]:
-        """Results by node; workers that died or missed the timeout are dropped."""
+    def _gather(self, calls: dict[str, ray.ObjectRef], timeout: float | None, slack: float = 0.0) -> dict[str, dict]:
+        """Results by node; a worker that dies is dropped, and so is one that misses the deadline (`timeout`
+        seconds). With slack (DiLoCo), once the first result is in after e seconds the others may run until
+        e x slack, are then asked to stop after their current step, and must answer within max(60 s, 2e)."""
         results: dict[str, dict] = {}
         pending = dict(calls)
-        deadline = None if timeout is None else time.monotonic() + timeout
+        t0 = time.monotonic()
+        deadline = None if timeout is None else t0 + timeout
+        stop_at, stopped = None, False
         while pending:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            wake = min((t for t in (deadline, stop_at) if t is not None), default=None)
+            left = None if wake is None else max(0.0, wake - time.monotonic())
             ready, _ = ray.wait(list(pending.values()), num_returns=1, timeout=left)
-            if not ready:
+            now = time.monotonic()
+            if ready:
+                node = next(n for n, ref in pending.items() if ref == ready[0])
+                del pending[node]
+                try:
+                    results[node] = ray.get(ready[0])
+                except (RayActorError, RayError) as e:
+                    self._drop(node, type(e).__name__)
+                    continue
+                if slack > 0 and stop_at is None and not stopped:
+                    stop_at = t0 + (now - t0) * slack
+            elif stop_at is not None and now >= stop_at:
+                for node in pending:
+                    self.workers[node][0].stop.remote(self.round)
+                stop_at, stopped = None, True
+                deadline = now + max(60.0, 2 * (now - t0))
+            elif deadline is not None and now >= deadline:
                 for node in list(pending):
                     self._drop(node, "timed out")
                 break
-            node = next(n for n, ref in pending.items() if ref == ready[0])
-            del pending[node]
-            try:
-                results[node] = ray.get(ready[0])
-            except (RayActorError, RayError) as e:
-                self._drop(node, type(e).__name__)
         return results
 
     # --- rounds --------------------------------------------------------------------------------------------
@@ -168,14 +189,14 @@ class PoolTrainer:
     def _shapes(self) -> dict[str, torch.Size]:
         return {k: p.shape for k, p in self.globl.params.items()}
 
-    def _exchange(self, call, timeout: float) -> tuple[dict, dict[str, dict], dict]:
+    def _exchange(self, call, timeout: float | None, slack: float = 0.0) -> tuple[dict, dict[str, dict], dict]:
         """Ship the global weights once, run `call(actor, weights_ref)` on every worker, and return the weights,
         the results by node, and the token-weighted average of their decompressed payloads (plus loss, tokens)."""
         weights = self._weights()
         ref = ray.put(weights)
         self.bytes_down += len(self.workers) * sum(t.numel() * t.element_size() for t in weights.values())
         t0 = time.perf_counter()
-        results = self._gather({node: call(a, ref) for node, (a, _) in self.workers.items()}, timeout)
+        results = self._gather({node: call(a, ref) for node, (a, _) in self.workers.items()}, timeout, slack)
         if not results:
             raise CapacityError(f"every worker failed in round {self.round}")
         secs = time.perf_counter() - t0
@@ -190,18 +211,13 @@ class PoolTrainer:
         return weights, results, {"avg": avg, **summary}
 
     def diloco_round(self) -> dict:
-        budget = None
-        if self.step_seconds and self.cfg.round_slack > 0:
-            budget = diloco.round_budget(self.step_seconds, self.cfg.inner_steps, self.cfg.round_slack)
         weights, results, m = self._exchange(
-            lambda a, ref: a.run_round.remote(ref, self.cfg.inner_steps, budget, self.cfg.delta_dtype),
-            600 if budget is None else 4 * budget + 120)
+            lambda a, ref: a.run_round.remote(self.round, ref, self.cfg.inner_steps, self.cfg.delta_dtype),
+            None, self.cfg.round_slack)
         new = self.outer.step(weights, m.pop("avg"))
         with torch.no_grad():
             for k, p in self.globl.params.items():
                 p.copy_(new[k])
-        for node, r in results.items():
-            self.step_seconds[node] = r["step_s"]
         m["inner_steps"] = {self.workers[n][1]: r["steps"] for n, r in results.items() if n in self.workers}
         return m
 

@@ -99,9 +99,9 @@ class TrainConfig:
     """DiLoCo outer Nesterov SGD learning rate."""
     outer_momentum: float = 0.9
     """DiLoCo outer momentum."""
-    round_slack: float = 1.25
-    """DiLoCo: a round lasts (the fastest worker's time for H steps) x this; slower workers stop early with
-    fewer steps. 0: every worker takes all H steps."""
+    round_slack: float = 1.05
+    """DiLoCo: when the first worker has taken its H steps, the others may go on for (its time) x (this - 1),
+    then stop where they are, with fewer steps; a slower device never holds the round. 0: everyone takes H."""
     delta_dtype: str = "fp32"
     """How workers send pseudo-gradients: fp32, bf16 or int8 (per-row scales)."""
 

@@ -69,10 +69,3 @@ class OuterOptimizer:
             update = g + self.momentum * buf if self.nesterov else buf
             out[k] = (w.float() - self.lr * update).to(w.dtype)
         return out
-
-
-def round_budget(step_seconds: dict[str, float], inner_steps: int, slack: float = 1.25) -> float:
-    """Wall time of a round: what the fastest worker needs for H inner steps, plus slack for timing noise.
-    Workers at that speed finish their H steps; slower ones stop at the budget with fewer, so nobody waits long
-    for a straggler."""
-    return inner_steps * min(step_seconds.values()) * slack

@@ -75,8 +75,10 @@ def test_killed_worker_is_dropped_and_replaced(ray_cluster, base, corpus, tmp_pa
 def test_slow_worker_takes_fewer_steps(ray_cluster, base, corpus, tmp_path):
     rounds = []
     run(ray_cluster, base, corpus, tmp_path / "o", on_round=rounds.append, slowdown={0: 4.0}, max_steps=30)
-    later = rounds[1:]  # the first round measures speeds; budgets apply from the second
-    assert all(r["inner_steps"][0] < min(r["inner_steps"][1], r["inner_steps"][2]) for r in later), rounds
+    for i, r in enumerate(rounds):  # the slow worker is stopped when the first fast one is done
+        steps = r["inner_steps"]
+        assert steps[0] < min(steps[1], steps[2]) and max(steps.values()) == 10, rounds
+        assert i == 0 or steps[0] <= 6, rounds  # (round 1 also times the workers' start-up, in any order)
 
 
 def test_int8_deltas_close_to_fp32(ray_cluster, base, corpus, tmp_path):
