@@ -15,9 +15,9 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
 
 import ray
 import torch
@@ -125,8 +125,8 @@ class PoolTrainer:
                 break
             index = self.next_index
             self.next_index += 1
-            opts = dict(scheduling_strategy=NodeAffinitySchedulingStrategy(dev.node_id, soft=False),
-                        num_gpus=1 if dev.cuda else 0, runtime_env={"env_vars": STAGE_ENV})
+            opts = {"scheduling_strategy": NodeAffinitySchedulingStrategy(dev.node_id, soft=False),
+                        "num_gpus": 1 if dev.cuda else 0, "runtime_env": {"env_vars": STAGE_ENV}}
             start = self.round * self.cfg.inner_steps if self.cfg.sync == "diloco" else self.round
             actor = TrainWorker.options(**opts).remote(
                 self.cfg, index, self.model_cfg, self.data_ref, self.tensors_ref, self.total,
