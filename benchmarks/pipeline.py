@@ -11,26 +11,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from localpool import ensure_isolated, local_pool
+
 PROMPT = "The engineer builds a wooden boat near the river"
-
-
-def ensure_isolated() -> None:
-    if [n for _, n in socket.if_nameindex()] == ["lo"]:
-        return
-    if os.environ.get("CAIRN_BENCH_NS"):
-        sys.exit("could not enter a loopback-only network namespace")
-    cmd = "ip link set lo up && exec " + " ".join(map(repr, [sys.executable, *sys.argv]))
-    r = subprocess.run(["unshare", "-n", "sh", "-c", cmd], env=dict(os.environ, CAIRN_BENCH_NS="1"))
-    sys.exit(r.returncode)
 
 
 def timed_generate(llm, n_streams, tokens):
@@ -55,85 +44,74 @@ def main() -> None:
     ap.add_argument("--stage-threads", type=int, default=None, help="torch threads per stage (default: --threads)")
     a = ap.parse_args()
     ensure_isolated()
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    tmp = Path(tempfile.mkdtemp(prefix="cb", dir="/tmp"))
-    (tmp / "ray").mkdir()
-    os.environ["RAY_TMPDIR"] = str(tmp)
+    with local_pool(3) as (_, nodes):
+        measure(a, nodes)
 
+
+def measure(a, nodes) -> None:
     import ray
     import torch
-    from ray.cluster_utils import Cluster
 
-    from cairn.config import EngineConfig, ModelConfig
+    from cairn.config import EngineConfig, ModelConfig, SamplingParams
     from cairn.engine.api import LLM
     from cairn.engine.runner import Chunk
-    from cairn.pool.devices import measure
-    from cairn.pool.ray_backend import PipelineRunner, device_resources
+    from cairn.pool.ray_backend import PipelineRunner
 
     torch.set_num_threads(a.threads)
-    m = measure("cpu")
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "object_store_memory": 200 * 10**6, "node_ip_address": "127.0.0.1",
-        "include_dashboard": False, "temp_dir": str(tmp)})
-    nodes = [cluster.add_node(num_cpus=1, object_store_memory=200 * 10**6, node_ip_address="127.0.0.1",
-                              resources=device_resources(4 * 10**9, m.bandwidth, m.flops, False)) for _ in range(3)]
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address, log_to_driver=False)
     cfg = ModelConfig.from_hf_dir(a.model_dir)
     ecfg = EngineConfig(max_seqs=a.streams, max_context=a.max_context, threads=a.threads)
-    try:
-        with LLM(a.model_dir, ecfg) as local:
-            base1, ref1 = timed_generate(local, 1, a.tokens * 2)
-            base16, ref16 = timed_generate(local, a.streams, a.tokens)
-            ids = torch.randint(3, cfg.vocab_size, (32,), generator=torch.Generator().manual_seed(0)).tolist()
-            ref_logits = local.runner.forward([Chunk(0, 0, tuple(ids))])
-        print(f"model {a.model_dir}: {cfg.param_count() / 1e6:.0f}M params, fp32, {a.threads} threads; "
-              f"{a.tokens * 2} tokens at 1 stream, {a.streams} x {a.tokens} at {a.streams} streams")
-        print(f"single process: 1 stream {base1:.1f} tok/s, {a.streams} streams {base16:.1f} tok/s\n")
-        print(f"pipeline: {a.depth or 'auto'} steps in flight, {a.stage_threads or a.threads} threads per stage\n")
-        print(f"{'nodes':>5} {'wire':>5} {'1 stream':>9} {'ratio':>6} {f'{a.streams} streams':>11} {'ratio':>6}"
-              f" {'wire B/token':>12} {'reply B/token':>13} {'greedy same':>11} {'max |dlogit|':>12}")
-        wire_bytes = {}
-        for n_nodes, wire in [(1, "fp32"), (2, "fp32"), (3, "fp32"), (3, "bf16"), (3, "int8")]:
-            allowed = {n.node_id for n in nodes[:n_nodes]}
-            runner = PipelineRunner(a.model_dir, cfg, max_seqs=a.streams, max_context=a.max_context, dtype="float32",
-                                    wire=wire, threads=a.stage_threads or a.threads, nodes=allowed, depth=a.depth)
-            with LLM(a.model_dir, ecfg, runner=runner) as llm:
-                t1, out1 = timed_generate(llm, 1, a.tokens * 2)
-                before, before_reply = runner.wire_bytes(), runner.reply_bytes()
-                t16, out16 = timed_generate(llm, a.streams, a.tokens)
-                per_token = (runner.wire_bytes() - before) / (a.streams * a.tokens)
-                reply = (runner.reply_bytes() - before_reply) / (a.streams * a.tokens)
-                drift = (runner.forward([Chunk(0, 0, tuple(ids))]) - ref_logits).abs().max().item()
-            wire_bytes[(n_nodes, wire)] = per_token
-            same = out1 == ref1 and out16 == ref16
-            print(f"{len(runner.placement.stages):>5} {wire:>5} {t1:>9.1f} {t1 / base1:>6.2f} {t16:>11.1f} "
-                  f"{t16 / base16:>6.2f} {per_token:>12.0f} {reply:>13.1f} {str(same):>11} {drift:>12.2e}")
-        if wire_bytes[(3, "int8")]:
-            print(f"\nint8 wire sends {wire_bytes[(3, 'fp32')] / wire_bytes[(3, 'int8')]:.2f}x fewer bytes than fp32 "
-                  f"(bf16: {wire_bytes[(3, 'fp32')] / wire_bytes[(3, 'bf16')]:.2f}x)")
-
-        # recovery: kill a stage's process while 16 streams decode
+    with LLM(a.model_dir, ecfg) as local:
+        base1, ref1 = timed_generate(local, 1, a.tokens * 2)
+        base16, ref16 = timed_generate(local, a.streams, a.tokens)
+        ids = torch.randint(3, cfg.vocab_size, (32,), generator=torch.Generator().manual_seed(0)).tolist()
+        ref_logits = local.runner.forward([Chunk(0, 0, tuple(ids))])
+    print(f"model {a.model_dir}: {cfg.param_count() / 1e6:.0f}M params, fp32, {a.threads} threads; "
+          f"{a.tokens * 2} tokens at 1 stream, {a.streams} x {a.tokens} at {a.streams} streams")
+    print(f"single process: 1 stream {base1:.1f} tok/s, {a.streams} streams {base16:.1f} tok/s\n")
+    print(f"pipeline: {a.depth or 'auto'} steps in flight, {a.stage_threads or a.threads} threads per stage\n")
+    print(f"{'nodes':>5} {'wire':>5} {'1 stream':>9} {'ratio':>6} {f'{a.streams} streams':>11} {'ratio':>6}"
+          f" {'wire B/token':>12} {'reply B/token':>13} {'greedy same':>11} {'max |dlogit|':>12}"
+          f"  {a.streams}-stream step ms: wall = stage compute + hops/waiting")
+    wire_bytes = {}
+    for n_nodes, wire in [(1, "fp32"), (2, "fp32"), (3, "fp32"), (3, "bf16"), (3, "int8")]:
+        allowed = {n.node_id for n in nodes[:n_nodes]}
         runner = PipelineRunner(a.model_dir, cfg, max_seqs=a.streams, max_context=a.max_context, dtype="float32",
-                                threads=a.stage_threads or a.threads, nodes={n.node_id for n in nodes}, depth=a.depth)
-        from cairn.config import SamplingParams
-
+                                wire=wire, threads=a.stage_threads or a.threads, nodes=allowed, depth=a.depth)
         with LLM(a.model_dir, ecfg, runner=runner) as llm:
-            params = SamplingParams(max_tokens=a.tokens, temperature=0, ignore_eos=True)
-            handles = [llm.submit(f"{i}: {PROMPT}", params) for i in range(a.streams)]
-            events = iter(handles[0])
-            head = [next(events) for _ in range(a.tokens // 4)]
-            n_stages = len(runner.placement.stages)
-            os.kill(ray.get(runner.actors[1].pid.remote()), signal.SIGKILL)
-            rest = list(events)
-            outs = [[e.token_id for e in head + rest]] + [h.result().token_ids for h in handles[1:]]
-        print(f"\nrecovery after SIGKILL of stage 2 of {n_stages} with "
-              f"{a.streams} streams in flight: {runner.stats.recoveries[0]:.2f} s (re-place, reload, replay), "
-              f"outputs identical to single process: {outs == ref16}; new placement: {runner.stats.placements[-1]}")
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-        shutil.rmtree(tmp, ignore_errors=True)
+            t1, out1 = timed_generate(llm, 1, a.tokens * 2)
+            before, before_reply = runner.wire_bytes(), runner.reply_bytes()
+            busy0, steps0 = runner.busy_seconds(), runner.stats.steps
+            t16, out16 = timed_generate(llm, a.streams, a.tokens)
+            n_steps = runner.stats.steps - steps0
+            busy = [(b - b0) * 1e3 / n_steps for b, b0 in zip(runner.busy_seconds(), busy0)]
+            wall_ms = a.streams * a.tokens / t16 * 1e3 / n_steps
+            per_token = (runner.wire_bytes() - before) / (a.streams * a.tokens)
+            reply = (runner.reply_bytes() - before_reply) / (a.streams * a.tokens)
+            drift = (runner.forward([Chunk(0, 0, tuple(ids))]) - ref_logits).abs().max().item()
+        wire_bytes[(n_nodes, wire)] = per_token
+        same = out1 == ref1 and out16 == ref16
+        print(f"{len(runner.placement.stages):>5} {wire:>5} {t1:>9.1f} {t1 / base1:>6.2f} {t16:>11.1f} "
+              f"{t16 / base16:>6.2f} {per_token:>12.0f} {reply:>13.1f} {same!s:>11} {drift:>12.2e}  "
+              f"{wall_ms:.1f} = {' + '.join(f'{b:.1f}' for b in busy)} + {wall_ms - sum(busy):.1f}")
+    if wire_bytes[(3, "int8")]:
+        print(f"\nint8 wire sends {wire_bytes[(3, 'fp32')] / wire_bytes[(3, 'int8')]:.2f}x fewer bytes than fp32 "
+              f"(bf16: {wire_bytes[(3, 'fp32')] / wire_bytes[(3, 'bf16')]:.2f}x)")
+
+    # recovery: kill a stage's process while 16 streams decode
+    runner = PipelineRunner(a.model_dir, cfg, max_seqs=a.streams, max_context=a.max_context, dtype="float32",
+                            threads=a.stage_threads or a.threads, nodes={n.node_id for n in nodes}, depth=a.depth)
+    with LLM(a.model_dir, ecfg, runner=runner) as llm:
+        params = SamplingParams(max_tokens=a.tokens, temperature=0, ignore_eos=True)
+        handles = [llm.submit(f"{i}: {PROMPT}", params) for i in range(a.streams)]
+        events = iter(handles[0])
+        head = [next(events) for _ in range(a.tokens // 4)]
+        n_stages = len(runner.placement.stages)
+        os.kill(ray.get(runner.actors[1].pid.remote()), signal.SIGKILL)
+        rest = list(events)
+        outs = [[e.token_id for e in head + rest]] + [h.result().token_ids for h in handles[1:]]
+    print(f"\nrecovery after SIGKILL of stage 2 of {n_stages} with "
+          f"{a.streams} streams in flight: {runner.stats.recoveries[0]:.2f} s (re-place, reload, replay), "
+          f"outputs identical to single process: {outs == ref16}; new placement: {runner.stats.placements[-1]}")
 
 
 if __name__ == "__main__":

@@ -92,6 +92,7 @@ class StageActor:
         self.wire = wire
         self.bytes_out = 0  # activations sent to the next stage
         self.bytes_back = 0  # replies (chosen tokens) sent back to the driver, as pickled
+        self.busy_s = 0.0  # seconds spent computing (decode, layers, sampling, encode), not waiting
         self.next = None
 
     def set_next(self, handle) -> None:
@@ -109,25 +110,29 @@ class StageActor:
     def forward(self, chunks: list[Chunk], x, rows: list[RowSampling | None] | None, want: Want):
         """Run this stage's part of a step and pass it on; the last stage chooses the tokens (`rows`, one per chunk)
         and returns what `want` says, which every stage returns in turn."""
+        t0 = time.perf_counter()
         if x is not None:
             x = wirefmt.decode(x, self.ex.dtype).to(self.ex.device)  # (N, D)
         out = self.ex.run(chunks, x)
         if self.ex.stage.is_last:
             if want == "logits":
-                return out.cpu()  # (n_chunks, V) float32
-            if want == "none":
-                return None
-            reply = wirefmt.encode_choices(choose(out, rows))
-            self.bytes_back += len(pickle.dumps(reply))
-            return reply
+                out = out.cpu()  # (n_chunks, V) float32
+            elif want == "none":
+                out = None
+            else:
+                out = wirefmt.encode_choices(choose(out, rows))
+                self.bytes_back += len(pickle.dumps(out))
+            self.busy_s += time.perf_counter() - t0
+            return out
         payload = wirefmt.encode(out.cpu(), self.wire)
         self.bytes_out += wirefmt.nbytes(payload)
+        self.busy_s += time.perf_counter() - t0
         # Wait here for the rest of the pipeline: the (small) reply comes back stage by stage, so the driver makes
         # one call per step, and a dead successor surfaces as an error of this call.
         return ray.get(self.next.forward.remote(chunks, payload, rows, want))
 
     def stats(self) -> dict:
-        return {"bytes_out": self.bytes_out, "bytes_back": self.bytes_back}
+        return {"bytes_out": self.bytes_out, "bytes_back": self.bytes_back, "busy_s": self.busy_s}
 
 
 @ray.remote(num_cpus=0)
@@ -370,6 +375,10 @@ class PipelineRunner:
     def wire_bytes(self) -> int:
         """Activation bytes the stages have sent to their successors."""
         return sum(st["bytes_out"] for st in ray.get([a.stats.remote() for a in self.actors[:-1]], timeout=10))
+
+    def busy_seconds(self) -> list[float]:
+        """Seconds each stage has spent computing so far (the rest of a step's wall time is hops and waiting)."""
+        return [st["busy_s"] for st in ray.get([a.stats.remote() for a in self.actors], timeout=10)]
 
     def reply_bytes(self) -> int:
         """Bytes (pickled) of the chosen tokens the last stage has sent back for steps."""

@@ -295,7 +295,7 @@ class PoolTrainer:
                     if every and self.round % every == 0 and self.round < self.rounds:
                         ev = self.globl.evaluate()
                         if ev:
-                            mf.write(json.dumps({"step": self.round, **ev, "bytes_up": self.bytes_up}) + "\n")
+                            mf.write(json.dumps({"step": self.round, **ev, "bytes_up": self.bytes_up, "bytes_down": self.bytes_down}) + "\n")
                     mf.flush()
                     if self.cfg.save_every and self.round % self.cfg.save_every == 0 and self.round < self.rounds:
                         self._save(ckpts)
@@ -303,7 +303,7 @@ class PoolTrainer:
                         on_round(m)
                 ev = self.globl.evaluate()
                 if ev:
-                    mf.write(json.dumps({"step": self.round, **ev, "bytes_up": self.bytes_up}) + "\n")
+                    mf.write(json.dumps({"step": self.round, **ev, "bytes_up": self.bytes_up, "bytes_down": self.bytes_down}) + "\n")
         finally:
             for actor, _ in self.workers.values():
                 ray.kill(actor, no_restart=True)
