@@ -457,7 +457,8 @@ COMMANDS: dict[str, tuple[Callable[..., int], list[Arg]]] = {
         arg("--sync", choices=["diloco", "every-step"], default=None, help="DiLoCo rounds or synchronous DP"),
         *[arg(f"--{name}", type=kind, default=None) for name, kind in [
             ("inner-steps", int), ("outer-lr", float), ("outer-momentum", float), ("round-slack", float)]],
-        arg("--delta-dtype", choices=["fp32", "bf16", "int8"], default=None, help="pseudo-gradients on the wire"),
+        arg("--delta-dtype", choices=["fp32", "bf16", "int8"], default=None,
+            help="pseudo-gradients up and global-weight changes down"),
     ]),
     "lora merge": (lora_merge, [
         arg("base"),

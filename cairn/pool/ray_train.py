@@ -1,9 +1,10 @@
 """Training across the pool: DiLoCo (or synchronous data parallelism as the baseline) with Ray actors as workers.
 
 One TrainWorker actor per pool device holds a Trainer (model, inner AdamW, its own data order). The driver holds
-the global model and the outer optimizer. Per round it ships the global weights once through the object store,
-each worker takes up to H inner steps and returns its compressed pseudo-gradient and token count, and the driver
-applies the token-weighted average with Nesterov momentum. A round ends shortly after the first worker is done:
+the global model and the outer optimizer. Per round it ships the global weights once through the object store (to
+workers that already hold the last round's, only their change, compressed like the pseudo-gradients), each worker
+takes up to H inner steps and returns its compressed pseudo-gradient and token count, and the driver applies the
+token-weighted average with Nesterov momentum. A round ends shortly after the first worker is done:
 slower ones are asked to stop where they are, so they count for fewer tokens instead of holding the others. A worker
 that dies is dropped at that round; a device that joins gets a worker that starts from the current global weights
 and schedule position next round.
@@ -47,6 +48,7 @@ class TrainWorker:
         self.trainer.seek(start_step)  # a worker that joins mid-run picks up the schedule where the run is
         self.slowdown = slowdown
         self.stop_round = -1  # the newest round the driver has asked to stop
+        self.held: dict[str, torch.Tensor] = {}  # the global weights of the round in progress (fp32, on the CPU)
 
     def pid(self) -> int:
         return os.getpid()
@@ -64,10 +66,13 @@ class TrainWorker:
         """End round `round_` after the step in progress (the first worker has finished; don't hold the round)."""
         self.stop_round = max(self.stop_round, round_)
 
-    def run_round(self, round_: int, weights: dict, max_steps: int, dtype: str) -> dict:
-        """Inner steps from the global weights until max_steps or stop(round_); returns the pseudo-gradient."""
-        self._load(weights)
-        start = {k: p.detach().clone() for k, p in self.trainer.params.items()}
+    def run_round(self, round_: int, weights: dict | None, update: dict | None, max_steps: int, dtype: str) -> dict:
+        """Inner steps from the global weights until max_steps or stop(round_); returns the pseudo-gradient. The
+        driver sends either the global `weights` or, when this worker holds the previous round's, their `update`."""
+        self.held = ({k: v.float().clone() for k, v in weights.items()} if update is None
+                     else diloco.apply_update(self.held, update))
+        self._load(self.held)
+        start = self.held
         t0 = time.perf_counter()
         steps, tokens, loss = 0, 0, 0.0
         while steps < max_steps and (steps == 0 or self.stop_round < round_):
@@ -75,7 +80,7 @@ class TrainWorker:
             m = self.trainer.step()
             self._throttle(time.perf_counter() - s0)
             steps, tokens, loss = steps + 1, tokens + m["step_tokens"], loss + m["loss"]
-        end = {k: p.detach() for k, p in self.trainer.params.items()}
+        end = {k: p.detach().cpu() for k, p in self.trainer.params.items()}
         payload = diloco.compress(diloco.pseudo_gradient(start, end), dtype)
         secs = time.perf_counter() - t0
         return {"payload": payload, "tokens": tokens, "steps": steps, "loss": loss / steps, "step_s": secs / steps}
@@ -103,6 +108,10 @@ class PoolTrainer:
         self.rounds = self.total if cfg.sync == "every-step" else math.ceil(self.total / cfg.inner_steps)
         self.globl = Trainer(cfg, self.model_cfg, self.data, self.total)
         self.outer = diloco.OuterOptimizer(cfg.outer_lr, cfg.outer_momentum)
+        # DiLoCo with compressed deltas also sends the global weights' change down compressed (fp32: the weights)
+        self.broadcast = diloco.Broadcast(cfg.delta_dtype) if cfg.delta_dtype != "fp32" else None
+        self.update: dict | None = None  # the change from the previous round's global weights to this round's
+        self.holders: set[str] = set()  # nodes whose workers hold the previous round's global weights
         names = stage_tensor_names(self.model_cfg, LayerRange(0, self.model_cfg.num_layers))
         self.data_ref = ray.put(self.data)
         self.tensors_ref = ray.put(read_tensors(cfg.model, names))
@@ -190,13 +199,24 @@ class PoolTrainer:
         return {k: p.shape for k, p in self.globl.params.items()}
 
     def _exchange(self, call, timeout: float | None, slack: float = 0.0) -> tuple[dict, dict[str, dict], dict]:
-        """Ship the global weights once, run `call(actor, weights_ref)` on every worker, and return the weights,
-        the results by node, and the token-weighted average of their decompressed payloads (plus loss, tokens)."""
+        """Ship the global weights once (to workers holding the previous round's, only `self.update` when there is
+        one), run `call(actor, weights_ref, update_ref)` on every worker (one of the refs is None), and return the
+        weights, the results by node, and the token-weighted average of their decompressed payloads (+ loss, tokens)."""
         weights = self._weights()
-        ref = ray.put(weights)
-        self.bytes_down += len(self.workers) * sum(t.numel() * t.element_size() for t in weights.values())
+        refs = {}
+        for node in self.workers:
+            if self.update is not None and node in self.holders:
+                if "update" not in refs:
+                    refs["update"] = ray.put(self.update)
+                self.bytes_down += diloco.payload_bytes(self.update)
+                refs[node] = (None, refs["update"])
+            else:
+                if "weights" not in refs:
+                    refs["weights"] = ray.put(weights)
+                self.bytes_down += sum(t.numel() * t.element_size() for t in weights.values())
+                refs[node] = (refs["weights"], None)
         t0 = time.perf_counter()
-        results = self._gather({node: call(a, ref) for node, (a, _) in self.workers.items()}, timeout, slack)
+        results = self._gather({node: call(a, *refs[node]) for node, (a, _) in self.workers.items()}, timeout, slack)
         if not results:
             raise CapacityError(f"every worker failed in round {self.round}")
         secs = time.perf_counter() - t0
@@ -212,9 +232,12 @@ class PoolTrainer:
 
     def diloco_round(self) -> dict:
         weights, results, m = self._exchange(
-            lambda a, ref: a.run_round.remote(self.round, ref, self.cfg.inner_steps, self.cfg.delta_dtype),
+            lambda a, w, u: a.run_round.remote(self.round, w, u, self.cfg.inner_steps, self.cfg.delta_dtype),
             None, self.cfg.round_slack)
         new = self.outer.step(weights, m.pop("avg"))
+        if self.broadcast is not None:  # the workers that took part will rebuild `new` from the compressed change
+            self.update, new = self.broadcast.step(weights, new)
+            self.holders = set(results)
         with torch.no_grad():
             for k, p in self.globl.params.items():
                 p.copy_(new[k])
@@ -222,7 +245,7 @@ class PoolTrainer:
         return m
 
     def sync_round(self) -> dict:
-        _, _, m = self._exchange(lambda a, ref: a.gradient.remote(ref, self.round, self.cfg.delta_dtype), 600)
+        _, _, m = self._exchange(lambda a, w, _: a.gradient.remote(w, self.round, self.cfg.delta_dtype), 600)
         avg = m.pop("avg")
         for k, p in self.globl.params.items():
             p.grad = avg[k].to(p.dtype)
@@ -236,8 +259,10 @@ class PoolTrainer:
         self.globl.step_count, self.globl.tokens = self.round, self.tokens
         extra = {"round": self.round, "tokens": self.tokens, "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
                  "next_index": self.next_index, "elapsed_s": self.elapsed, "sync": self.cfg.sync}
+        residual = self.broadcast.residual if self.broadcast is not None else {}
         state.save(ckpts, self.globl, self.cfg.keep_checkpoints, extra,
-                   {f"outer.{k}": v for k, v in self.outer.buffers.items()})
+                   {f"outer.{k}": v for k, v in self.outer.buffers.items()} | {f"residual.{k}": v
+                                                                                for k, v in residual.items()})
 
     def _resume(self, ckpts: Path, metrics_path: Path) -> None:
         latest = state.latest(ckpts)
@@ -256,6 +281,9 @@ class PoolTrainer:
         self.bytes_up, self.bytes_down = extra["bytes_up"], extra["bytes_down"]
         self.next_index, self.elapsed = extra["next_index"], extra["elapsed_s"]
         self.outer.buffers = {k.removeprefix("outer."): v for k, v in tensors.items() if k.startswith("outer.")}
+        if self.broadcast is not None:  # every worker starts afresh from the full weights; the rounding carried on
+            self.broadcast.residual = {k.removeprefix("residual."): v for k, v in tensors.items()
+                                       if k.startswith("residual.")}
         state.truncate_metrics(metrics_path, self.round)
         self.log(f"resumed from {latest} (round {self.round} of {self.rounds})")
 
@@ -267,6 +295,14 @@ class PoolTrainer:
         publish(self.key, [{"node_id": node, "worker": index, "round": self.round, "rounds": self.rounds,
                             "recipe": self.cfg.recipe, "sync": self.cfg.sync, **self.speeds.get(node, {})}
                            for node, (_, index) in self.workers.items()])
+
+    def _evaluate(self, mf) -> dict:
+        """Held-out metrics of the global model, logged with the bytes communicated so far (loss vs bytes)."""
+        ev = self.globl.evaluate()
+        if ev:
+            mf.write(json.dumps({"step": self.round, **ev, "bytes_up": self.bytes_up,
+                                 "bytes_down": self.bytes_down}) + "\n")
+        return ev
 
     def run(self, on_round: Callable[[dict], None] | None = None) -> dict:
         out = Path(self.cfg.out)
@@ -293,17 +329,13 @@ class PoolTrainer:
                     mf.write(json.dumps(m) + "\n")
                     every = self.cfg.eval_every
                     if every and self.round % every == 0 and self.round < self.rounds:
-                        ev = self.globl.evaluate()
-                        if ev:
-                            mf.write(json.dumps({"step": self.round, **ev, "bytes_up": self.bytes_up, "bytes_down": self.bytes_down}) + "\n")
+                        ev = self._evaluate(mf)
                     mf.flush()
                     if self.cfg.save_every and self.round % self.cfg.save_every == 0 and self.round < self.rounds:
                         self._save(ckpts)
                     if on_round is not None:
                         on_round(m)
-                ev = self.globl.evaluate()
-                if ev:
-                    mf.write(json.dumps({"step": self.round, **ev, "bytes_up": self.bytes_up, "bytes_down": self.bytes_down}) + "\n")
+                ev = self._evaluate(mf)
         finally:
             for actor, _ in self.workers.values():
                 ray.kill(actor, no_restart=True)

@@ -103,7 +103,8 @@ class TrainConfig:
     """DiLoCo: when the first worker has taken its H steps, the others may go on for (its time) x (this - 1),
     then stop where they are, with fewer steps; a slower device never holds the round. 0: everyone takes H."""
     delta_dtype: str = "fp32"
-    """How workers send pseudo-gradients: fp32, bf16 or int8 (per-row scales)."""
+    """How pseudo-gradients go up and (DiLoCo) the global weights' change comes down: fp32, bf16 or int8 (per-row
+    scales)."""
 
     def __post_init__(self) -> None:
         def bad(field: str, why: str):

@@ -3,7 +3,9 @@
 Each worker starts a round from the global weights, takes up to H inner AdamW steps on its own data, and sends
 back its pseudo-gradient (start - end). The driver averages them, weighting each by the tokens its worker
 processed (so a slow worker that managed fewer steps counts for less), and applies the average with an outer
-Nesterov-momentum SGD step. Only the averaged deltas cross the network, once per round.
+Nesterov-momentum SGD step. Only deltas cross the network, once per round each way: workers send their
+pseudo-gradients up; the driver sends the change of the global weights down (`Broadcast`), compressed like the
+pseudo-gradients, so that every worker rebuilds the same global weights bit for bit.
 """
 
 from __future__ import annotations
@@ -48,6 +50,30 @@ def weighted_average(deltas: list[Delta], weights: list[float]) -> Delta:
         for k in out:
             out[k].add_(d[k].float(), alpha=w / total)
     return out
+
+
+def apply_update(held: Delta, payload: dict) -> Delta:
+    """The global weights a receiver holding `held` (fp32) has after `payload`: held + decoded payload. The driver
+    computes its own copy with this same function, so both sides agree bit for bit."""
+    return {k: held[k] + wire.decode(p, torch.float32).reshape(held[k].shape) for k, p in payload.items()}
+
+
+@dataclass
+class Broadcast:
+    """Sends the global weights' change of each round compressed, with error feedback: what rounding leaves out
+    of one round's change is added to the next one's, so the weights workers hold never drift from the exact
+    outer-optimizer trajectory by more than one round's rounding."""
+
+    dtype: wire.WireDType
+    residual: Delta = field(default_factory=dict)
+
+    def step(self, held: Delta, new: Delta) -> tuple[dict, Delta]:
+        """(payload, the weights every receiver holds after it) for moving from `held` towards `new`."""
+        change = {k: new[k].float() - held[k] + self.residual.get(k, 0.0) for k in new}
+        payload = compress(change, self.dtype)
+        after = apply_update(held, payload)
+        self.residual = {k: change[k] - (after[k] - held[k]) for k in change}
+        return payload, after
 
 
 @dataclass
