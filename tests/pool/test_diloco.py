@@ -30,9 +30,9 @@ def base(tmp_path_factory):
 def run(ray_cluster, base, corpus, out, on_round=None, slowdown=None, **kw):
     from cairn.pool.ray_train import PoolTrainer
 
-    args = {"recipe": "pretrain", "model": str(base), "data": [str(corpus[0])], "eval_data": [str(corpus[1])], "out": str(out),
-                "seq_len": 64, "batch_size": 8, "max_steps": 40, "lr": 3e-3, "warmup_steps": 4, "workers": 3, "inner_steps": 10,
-                "progress": False, "threads": 1} | kw
+    args = {"recipe": "pretrain", "model": str(base), "data": [str(corpus[0])], "eval_data": [str(corpus[1])],
+            "out": str(out), "seq_len": 64, "batch_size": 8, "max_steps": 40, "lr": 3e-3, "warmup_steps": 4,
+            "workers": 3, "inner_steps": 10, "progress": False, "threads": 1} | kw
     logs = []
     result = PoolTrainer(TrainConfig.build(**args), log=logs.append, slowdown=slowdown, threads=1).run(on_round)
     return result, logs
