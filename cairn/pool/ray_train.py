@@ -152,6 +152,7 @@ class PoolTrainer:
     def _drop(self, node: str, why: str) -> None:
         actor, index = self.workers.pop(node)
         self.speeds.pop(node, None)
+        self.holders.discard(node)  # a worker started on this node later has to get the full weights
         self.log(f"round {self.round}: worker {index} dropped ({why})")
         ray.kill(actor, no_restart=True)
 
@@ -203,20 +204,16 @@ class PoolTrainer:
         one), run `call(actor, weights_ref, update_ref)` on every worker (one of the refs is None), and return the
         weights, the results by node, and the token-weighted average of their decompressed payloads (+ loss, tokens)."""
         weights = self._weights()
-        refs = {}
-        for node in self.workers:
-            if self.update is not None and node in self.holders:
-                if "update" not in refs:
-                    refs["update"] = ray.put(self.update)
-                self.bytes_down += diloco.payload_bytes(self.update)
-                refs[node] = (None, refs["update"])
-            else:
-                if "weights" not in refs:
-                    refs["weights"] = ray.put(weights)
-                self.bytes_down += sum(t.numel() * t.element_size() for t in weights.values())
-                refs[node] = (refs["weights"], None)
+        gets_update = set(self.workers) & self.holders if self.update is not None else set()
+        n_full = len(self.workers) - len(gets_update)
+        weights_ref = ray.put(weights) if n_full else None
+        update_ref = ray.put(self.update) if gets_update else None
+        self.bytes_down += n_full * sum(t.numel() * t.element_size() for t in weights.values())
+        if gets_update:
+            self.bytes_down += len(gets_update) * diloco.payload_bytes(self.update)
         t0 = time.perf_counter()
-        results = self._gather({node: call(a, *refs[node]) for node, (a, _) in self.workers.items()}, timeout, slack)
+        results = self._gather({node: call(a, *((None, update_ref) if node in gets_update else (weights_ref, None)))
+                                for node, (a, _) in self.workers.items()}, timeout, slack)
         if not results:
             raise CapacityError(f"every worker failed in round {self.round}")
         secs = time.perf_counter() - t0
