@@ -72,12 +72,14 @@ def train(config: str | None = None, pool: str | None = None, token: str | None 
     """Train a model: pretrain on raw text, supervised fine-tuning on chat or alpaca JSONL, or DPO on comparisons;
     full fine-tuning or LoRA. Options come from CONFIG.yaml (keys as in the README) and flags, flags winning.
     Writes an HF checkpoint to --out (plus adapter/ under LoRA), resumable checkpoints, metrics.jsonl and loss.png.
-    --pool ADDRESS --workers N trains on N pool devices with DiLoCo (or --sync every-step)."""
+    --pool ADDRESS --workers N (or a `distributed:` section in the config) trains on N pool devices with DiLoCo (or
+    --sync every-step)."""
     from cairn.train.config import TrainConfig
 
     if options.pop("no_progress", None):
         options["progress"] = False
-    cfg = TrainConfig.build(config, **options)
+    cfg = TrainConfig.build(config, pool=pool, **options)
+    pool = cfg.pool
     if pool is None:
         if cfg.workers:
             raise UserError("--workers needs --pool ADDRESS (the pool to train on)", param="workers")

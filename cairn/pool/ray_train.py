@@ -157,8 +157,8 @@ class PoolTrainer:
         ray.kill(actor, no_restart=True)
 
     def _gather(self, calls: dict[str, ray.ObjectRef], timeout: float | None, slack: float = 0.0) -> dict[str, dict]:
-        """Results by node; a worker that dies is dropped, and so is one that misses the deadline (`timeout`
-        seconds). With slack (DiLoCo), once the first result is in after e seconds the others may run until
+        """Results by node, in worker order; a worker that dies is dropped, and so is one that misses the deadline
+        (`timeout` seconds). With slack (DiLoCo), once the first result is in after e seconds the others may run until
         e x slack, are then asked to stop after their current step, and must answer within max(60 s, 2e)."""
         results: dict[str, dict] = {}
         pending = dict(calls)
@@ -189,7 +189,8 @@ class PoolTrainer:
                 for node in list(pending):
                     self._drop(node, "timed out")
                 break
-        return results
+        # in worker order, not arrival order: float sums then don't depend on timing, so runs are reproducible
+        return dict(sorted(results.items(), key=lambda kv: self.workers[kv[0]][1]))
 
     # --- rounds --------------------------------------------------------------------------------------------
 

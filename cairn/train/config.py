@@ -10,6 +10,8 @@ from typing import Any
 from cairn.errors import UserError
 
 RECIPES = ("pretrain", "sft", "dpo")
+# the keys a config file may also group under `distributed:` (training across the pool)
+DISTRIBUTED = ("pool", "workers", "sync", "inner_steps", "outer_lr", "outer_momentum", "round_slack", "delta_dtype")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -89,8 +91,10 @@ class TrainConfig:
     """Skip malformed JSONL lines (counted) instead of stopping."""
     progress: bool = True
     """Show a progress bar."""
+    pool: str | None = None
+    """Address of the pool to train on (`cairn pool start` prints it); with workers."""
     workers: int = 0
-    """Pool devices to train on (needs --pool); 0 trains in this process."""
+    """Pool devices to train on (needs pool); 0 trains in this process."""
     sync: str = "diloco"
     """With workers: 'diloco' (H local steps, then one averaged update) or 'every-step' (synchronous DP)."""
     inner_steps: int = 100
@@ -157,6 +161,7 @@ class TrainConfig:
         values: dict[str, Any] = {}
         if file is not None:
             values = _read_yaml(Path(file))
+            values.update(_distributed(values.pop("distributed", None), values))
         values.update({k: v for k, v in overrides.items() if v is not None})
         names = {f.name: f for f in fields(cls)}
         unknown = sorted(set(values) - set(names))
@@ -180,6 +185,20 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+def _distributed(section: Any, top: dict[str, Any]) -> dict[str, Any]:
+    """The `distributed:` mapping of a config file (pool, workers, sync, inner_steps, ...), checked."""
+    if section is None:
+        return {}
+    if not isinstance(section, dict):
+        raise UserError(f"distributed: must be a mapping of {', '.join(DISTRIBUTED)}", param="distributed")
+    for key in section:
+        if key not in DISTRIBUTED:
+            raise UserError(f"unknown distributed option {key!r} (known: {', '.join(DISTRIBUTED)})", param=key)
+        if key in top:
+            raise UserError(f"{key} is given both at the top level and under distributed:", param=key)
+    return section
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

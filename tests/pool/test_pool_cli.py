@@ -3,10 +3,10 @@
 import json
 import os
 import shutil
-import tempfile
-from pathlib import Path
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -92,4 +92,29 @@ def test_serve_across_the_pool_then_lose_and_regain_capacity(pool, model_factory
         assert r.choices[0].text == want.text
     finally:
         server.stop()
+        cairn("pool", "leave")
+
+
+def test_train_on_the_pool_from_a_distributed_section(pool, tiny_model, tmp_path):
+    cairn, address, token, _ = pool
+    for _ in range(2):
+        assert cairn("pool", "join", address, "--token", token, "--memory", "200MB", "--num-cpus", 1).returncode == 0
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"The river {w} runs past the mill and the stone bridge, {i} times a day."
+                                  for i, w in enumerate(["slowly", "quickly", "quietly", "wide"] * 12)))
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"recipe: pretrain\nmodel: {tiny_model}\ndata: [{corpus}]\nout: {tmp_path / 'o'}\nseq_len: 32\n"
+                   "batch_size: 4\nmax_steps: 4\nprogress: false\nthreads: 1\n"
+                   f"distributed:\n  pool: {address}\n  workers: 2\n  inner_steps: 2\n  delta_dtype: int8\n")
+    try:
+        r = cairn("train", cfg, extra_env={"CAIRN_POOL_TOKEN": token})
+        assert r.returncode == 0, r.stderr
+        rounds = [json.loads(line) for line in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()
+                  if "workers" in json.loads(line)]
+        assert [m["workers"] for m in rounds] == [2, 2] and rounds[-1]["bytes_up"] > 0
+        assert (tmp_path / "o" / "model.safetensors").is_file()
+        cfg.write_text(cfg.read_text() + "  learning_rate: 1\n")
+        r = cairn("train", cfg, "--out", tmp_path / "o2", extra_env={"CAIRN_POOL_TOKEN": token})
+        assert r.returncode == 2 and "unknown distributed option 'learning_rate'" in r.stderr, r.stderr
+    finally:
         cairn("pool", "leave")

@@ -95,3 +95,17 @@ def test_config_file_and_flags(base_model, tmp_path, capsys, sft_file):
     code, io = run(capsys, "--recipe", "sft", "--model", base_model, "--data", sft_file, "--out", tmp_path / "x",
                    "--lora-rank", 2, "--lora-targets", "qkv")
     assert code == 2 and "unknown module 'qkv'" in io.err
+
+
+def test_distributed_section(base_model, tmp_path, capsys, sft_file):
+    cfg = tmp_path / "run.yaml"
+    head = f"recipe: sft\nmodel: {base_model}\ndata: [{sft_file}]\nout: {tmp_path / 'o'}\n"
+    cfg.write_text(head + "distributed:\n  pool: 127.0.0.1:6380\n  workers: 3\n  inner_steps: 50\n  sync: every-step\n")
+    built = TrainConfig.build(cfg, workers=2)
+    assert (built.pool, built.workers, built.inner_steps, built.sync) == ("127.0.0.1:6380", 2, 50, "every-step")
+    for body, why in (("distributed: 3\n", "must be a mapping"),
+                      ("workers: 2\ndistributed:\n  workers: 3\n", "both at the top level and under distributed"),
+                      ("distributed:\n  lr: 3\n", "unknown distributed option 'lr'")):
+        cfg.write_text(head + body)
+        code, io = run(capsys, cfg)
+        assert code == 2 and why in io.err, io.err
