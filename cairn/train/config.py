@@ -146,6 +146,8 @@ class TrainConfig:
             bad("sync", f"must be diloco or every-step, got {self.sync!r}")
         if self.delta_dtype not in ("fp32", "bf16", "int8"):
             bad("delta_dtype", f"must be fp32, bf16 or int8, got {self.delta_dtype!r}")
+        if self.pool is not None and (not isinstance(self.pool, str) or ":" not in self.pool):
+            bad("pool", f"must be the pool's HOST:PORT address, got {self.pool!r}")
         if self.workers < 0 or self.inner_steps < 1:
             bad("workers" if self.workers < 0 else "inner_steps", "must be positive")
         if self.dpo_beta <= 0:

@@ -105,7 +105,8 @@ def test_distributed_section(base_model, tmp_path, capsys, sft_file):
     assert (built.pool, built.workers, built.inner_steps, built.sync) == ("127.0.0.1:6380", 2, 50, "every-step")
     for body, why in (("distributed: 3\n", "must be a mapping"),
                       ("workers: 2\ndistributed:\n  workers: 3\n", "both at the top level and under distributed"),
-                      ("distributed:\n  lr: 3\n", "unknown distributed option 'lr'")):
+                      ("distributed:\n  lr: 3\n", "unknown distributed option 'lr'"),
+                      ("distributed:\n  pool: 6380\n  workers: 2\n", "HOST:PORT")):
         cfg.write_text(head + body)
         code, io = run(capsys, cfg)
         assert code == 2 and why in io.err, io.err
