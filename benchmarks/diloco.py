@@ -31,11 +31,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from localpool import ensure_isolated, local_pool
 
 
+def config(a, model: Path, data: Path, out: Path, steps: int, **kw):
+    """A pretrain config over `data` for `steps` steps. Every run, the warm start included, gets the same seed and
+    so the same held-out split: the warm start never sees the documents the runs are scored on."""
+    from cairn.train.config import TrainConfig
+
+    return TrainConfig.build(recipe="pretrain", model=str(model), data=[str(data)], eval_fraction=0.05, out=str(out),
+                             seq_len=a.seq_len, max_steps=steps, warmup_steps=steps // 20, progress=False, threads=1,
+                             **kw)
+
+
 def make_inputs(tmp: Path, a) -> tuple[Path, Path, float | None]:
     """(starting model, data, its held-out loss): a random model, pretrained by one process when --warm-start."""
     from cairn.models.corpus import shipped_corpus
     from cairn.models.init import init_model
-    from cairn.train.config import TrainConfig
     from cairn.train.loop import train as train_local
 
     docs = shipped_corpus(a.sentences)
@@ -44,9 +53,7 @@ def make_inputs(tmp: Path, a) -> tuple[Path, Path, float | None]:
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
     if not a.warm_start:
         return tmp / "model", data, None
-    cfg = TrainConfig.build(recipe="pretrain", model=str(tmp / "model"), data=[str(data)], eval_fraction=0.05,
-                            out=str(tmp / "warm"), seq_len=a.seq_len, batch_size=3 * a.batch, max_steps=a.warm_start,
-                            lr=a.warm_lr, warmup_steps=a.warm_start // 20, progress=False, threads=1)  # same split
+    cfg = config(a, tmp / "model", data, tmp / "warm", a.warm_start, batch_size=3 * a.batch, lr=a.warm_lr)
     r = train_local(cfg, log=lambda _: None)
     return tmp / "warm", data, r.eval["eval_loss"]
 
@@ -54,12 +61,9 @@ def make_inputs(tmp: Path, a) -> tuple[Path, Path, float | None]:
 def train(a, model: Path, data: Path, out: Path, slowdown: dict[int, float] | None = None, workers: int = 3,
           lr: float | None = None, **kw) -> dict:
     from cairn.pool.ray_train import PoolTrainer
-    from cairn.train.config import TrainConfig
 
-    cfg = TrainConfig.build(recipe="pretrain", model=str(model), data=[str(data)], eval_fraction=0.05,
-                            out=str(out), seq_len=a.seq_len, batch_size=a.batch, max_steps=a.steps, lr=lr or a.lr,
-                            warmup_steps=a.steps // 20, workers=workers, progress=False, threads=1,
-                            outer_lr=a.outer_lr, outer_momentum=a.outer_momentum, **kw)
+    cfg = config(a, model, data, out, a.steps, batch_size=a.batch, lr=lr or a.lr, workers=workers,
+                 outer_lr=a.outer_lr, outer_momentum=a.outer_momentum, **kw)
     result = PoolTrainer(cfg, log=lambda _: None, slowdown=slowdown, threads=1).run()
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     result["curve"] = [(m["bytes_up"] + m["bytes_down"], m["eval_loss"]) for m in lines if "eval_loss" in m]
