@@ -60,7 +60,7 @@ def make_inputs(tmp: Path, a) -> tuple[Path, Path, float | None]:
 
 def train(a, model: Path, data: Path, out: Path, slowdown: dict[int, float] | None = None, workers: int = 3,
           lr: float | None = None, **kw) -> dict:
-    from cairn.pool.ray_train import PoolTrainer
+    from cairn.train.distributed import PoolTrainer
 
     cfg = config(a, model, data, out, a.steps, batch_size=a.batch, lr=lr or a.lr, workers=workers,
                  outer_lr=a.outer_lr, outer_momentum=a.outer_momentum, **kw)

@@ -35,7 +35,7 @@ def local_pool(n_nodes: int, memory: int = 4 * 10**9, object_store: int = 200 * 
     from ray.cluster_utils import Cluster
 
     from cairn.pool.devices import measure
-    from cairn.pool.ray_backend import device_resources
+    from cairn.pool.service import device_resources
 
     m = measure("cpu")
     cluster = Cluster(initialize_head=True, head_node_args={

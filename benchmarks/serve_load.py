@@ -11,11 +11,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sys
 import time
+from pathlib import Path
 
 import httpx
 
-from cairn.serve.launch import ServerProcess
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for tests.serverproc
+from tests.serverproc import ServerProcess
 
 
 def percentile(xs, q):

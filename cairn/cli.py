@@ -6,12 +6,13 @@ and nowhere deeper."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from cairn.errors import CairnError, UserError
 
@@ -79,6 +80,7 @@ def train(config: str | None = None, pool: str | None = None, token: str | None 
     if options.pop("no_progress", None):
         options["progress"] = False
     cfg = TrainConfig.build(config, pool=pool, **options)
+    cfg = dataclasses.replace(cfg, model=_model(cfg.model))  # a .gguf starting model: imported once
     pool = cfg.pool
     if pool is None:
         if cfg.workers:
@@ -87,12 +89,88 @@ def train(config: str | None = None, pool: str | None = None, token: str | None 
 
         run(cfg)
         return 0
-    from cairn.pool.control import connect
+    connect = _pool().connect
 
     connect(pool, _pool_token(token))
-    from cairn.pool.ray_train import PoolTrainer
+    PoolTrainer = _pool("cairn.train.distributed").PoolTrainer
 
     PoolTrainer(cfg, threads=cfg.threads).run()
+    return 0
+
+
+def _cache_root() -> Path | None:
+    import os
+
+    return Path(os.environ["CAIRN_CACHE"]) if os.environ.get("CAIRN_CACHE") else None
+
+
+def _model(path: str) -> str:
+    """A model directory for PATH: a directory as is, a .gguf file imported once into the cache
+    ($CAIRN_CACHE/gguf/, default ~/.cache/cairn/gguf/)."""
+    from cairn.models.gguf import resolve_model
+
+    return str(resolve_model(path, _cache_root(), progress=sys.stderr.isatty()))
+
+
+def gguf_import(gguf_file: str, out_dir: str, dtype: str = "float32") -> int:
+    """Import a GGUF file (llama.cpp's format; llama/SmolLM/Mistral and qwen2; F32, F16, BF16, Q4_0-Q8_0 and
+    Q2_K-Q6_K weights, dequantized) as a Hugging Face checkpoint in OUT_DIR: config.json, model.safetensors,
+    tokenizer.json, tokenizer_config.json with the chat template, generation_config.json. OUT_DIR must not exist
+    or be empty; a failed import leaves nothing there. Commands that take MODEL_DIR also take a .gguf directly."""
+    from cairn.models.gguf import import_gguf
+
+    t0 = time.perf_counter()
+    m = import_gguf(gguf_file, out_dir, dtype=dtype, progress=sys.stderr.isatty())
+    types = ", ".join(f"{n} {k}" for k, n in m.provenance["tensor_types"].items())
+    print(f"imported {m.cfg.arch} ({m.cfg.param_count() / 1e6:.1f}M parameters, {m.cfg.num_layers} layers, "
+          f"vocab {m.cfg.vocab_size}; tensors {types}) from {gguf_file} to {out_dir} as {dtype} in "
+          f"{time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+def evaluate(model_dir: str | None = None, perplexity: list[str] | None = None, choice: list[str] | None = None,
+             generate_files: list[str] | None = None, window: int | None = None, stride: int | None = None,
+             fewshot: int = 0, chat_template: bool = False, max_tokens: int = 64, out: str | None = None,
+             compare: list[str] | None = None, max_context: int | None = None, device: str = "cpu",
+             dtype: str | None = None, threads: int | None = None, pool: str | None = None, token: str | None = None,
+             wire_dtype: str = "fp32") -> int:
+    """Evaluate MODEL: --perplexity FILE (text, or JSONL "text"; sliding --window/--stride; also bits per byte),
+    --choice FILE.jsonl ({"question"|"context", "choices", "answer"}: acc and acc_norm by log-likelihood, as
+    lm-evaluation-harness scores them; --fewshot N takes the first N items as examples, --chat-template on or off),
+    --generate FILE.jsonl ({"prompt"|"messages", "answer"}: greedy answers, exact match and contains). Prints a
+    table and writes JSON (--out, default eval-NAME.json); the result names the model's path, weight hash and dtype.
+    --compare A.json B.json ... prints results side by side with differences (no model needed)."""
+    from cairn.eval import commands as ev
+
+    if compare:
+        if model_dir is not None:
+            raise UserError("--compare takes result files only; leave out MODEL")
+        print(ev.format_compare([ev.load_results(p) for p in compare]))
+        return 0
+    if model_dir is None:
+        raise UserError("give a MODEL to evaluate (or --compare A.json B.json ...)")
+    config = _engine_config(device, dtype, threads, max_context=max_context, max_seqs=16)
+    with _load_llm(model_dir, config, pool, token, wire_dtype) as llm:
+        result = ev.evaluate(llm, perplexity or (), choice or (), generate_files or (), window, stride, fewshot,
+                             chat_template, max_tokens, show=sys.stderr.isatty())
+    out = out or f"eval-{Path(result['model']['path']).name}.json"
+    ev.save(result, out)
+    print(ev.format_table([result]))
+    print(f"wrote {out}")
+    return 0
+
+
+def gguf_export(model_dir: str, out_file: str, qtype: str = "f16") -> int:
+    """Export a model as one GGUF file for llama.cpp: its tensor names and metadata, the tokenizer (byte-level BPE
+    with merges and pre-tokenizer, or SentencePiece-style) and chat template. --type q8_0/q4_0/q4_1/q5_0/q5_1
+    quantizes every matrix ("pure"; rows not divisible by the block stay f16), norms stay f32."""
+    from cairn.models.gguf import export_gguf
+
+    t0 = time.perf_counter()
+    s = export_gguf(_model(model_dir), out_file, qtype=qtype, progress=sys.stderr.isatty())
+    types = ", ".join(f"{n} {k}" for k, n in s["tensor_types"].items())
+    print(f"wrote {out_file} ({s['arch']}, {qtype}: tensors {types}; {s['bytes'] / 2**20:.1f} MiB) in "
+          f"{time.perf_counter() - t0:.1f}s")
     return 0
 
 
@@ -101,7 +179,7 @@ def lora_merge(base: str, adapter: str, out: str, dtype: str | None = None) -> i
     write a full Hugging Face checkpoint to --out."""
     from cairn.train.lora import merge_to_checkpoint
 
-    cfg = merge_to_checkpoint(base, adapter, out, dtype=dtype)
+    cfg = merge_to_checkpoint(_model(base), adapter, out, dtype=dtype)
     print(f"merged {adapter} into {base} ({cfg.num_layers} layers); wrote {out}")
     return 0
 
@@ -125,11 +203,12 @@ def _load_llm(model_dir: str, config, pool: str | None = None, token: str | None
     """A local LLM, or one whose model is placed across the pool at `pool`."""
     from cairn.engine.api import LLM, resolve_dtype
 
+    model_dir = _model(model_dir)
     if pool is None:
         return LLM(model_dir, config)
     from cairn.config import ModelConfig
-    from cairn.pool.control import connect
-    from cairn.pool.ray_backend import PipelineRunner
+    connect = _pool().connect
+    PipelineRunner = _pool("cairn.pool.ray_backend").PipelineRunner
 
     cfg = ModelConfig.from_hf_dir(model_dir)
     connect(pool, _pool_token(token))
@@ -183,7 +262,7 @@ def chat(model_dir: str, system: str | None = None, max_tokens: int = 256, tempe
     from cairn.engine.api import LLM
 
     params = _sampling(max_tokens, temperature, top_p, 0, seed, None)
-    with LLM(model_dir, _engine_config(device, dtype, threads, max_seqs=1)) as llm:
+    with LLM(_model(model_dir), _engine_config(device, dtype, threads, max_seqs=1)) as llm:
         if not llm.tokenizer.chat_template:
             raise UserError(f"{model_dir} has no chat template (tokenizer_config.json: chat_template); use generate")
         messages = [{"role": "system", "content": system}] if system else []
@@ -224,10 +303,12 @@ def serve(model_dirs: list[str], host: str = "127.0.0.1", port: int = 8000, api_
           max_concurrency: int = 16, max_queue: int = 256, max_context: int | None = None,
           served_name: list[str] | None = None, device: str = "cpu", dtype: str | None = None,
           threads: int | None = None, pool: str | None = None, token: str | None = None,
-          wire_dtype: str = "fp32") -> int:
+          wire_dtype: str = "fp32", max_body_bytes: int = 4 * 1024 * 1024, log_level: str = "info",
+          log_json: bool = False) -> int:
     """Serve local models over an OpenAI-compatible API: /v1/models, /v1/chat/completions, /v1/completions
-    (streaming too), /health and /metrics. --api-key (or CAIRN_API_KEY) makes /v1 require 'Bearer KEY'.
-    --max-concurrency sequences decode together per model; beyond --max-queue waiting requests, 429.
+    (streaming too), /health, /metrics and /openapi.json. --api-key (or CAIRN_API_KEY) makes /v1 require
+    'Bearer KEY'. --max-concurrency sequences decode together per model; beyond --max-queue waiting requests, 429;
+    bodies over --max-body-bytes, 413. Each request is logged (--log-level, --log-json for JSON lines).
     --pool ADDRESS places each model across the pool's devices (token: --token or $CAIRN_POOL_TOKEN) and keeps
     serving when a device disappears."""
     import os
@@ -236,37 +317,60 @@ def serve(model_dirs: list[str], host: str = "127.0.0.1", port: int = 8000, api_
 
     from cairn.config import EngineConfig
     from cairn.serve.app import create_app
+    from cairn.serve.observe import configure_logging
 
-    names = served_name or [Path(d).resolve().name for d in model_dirs]
+    if max_body_bytes < 1:
+        raise UserError(f"--max-body-bytes must be at least 1, got {max_body_bytes}")
+    configure_logging(log_level, log_json)
+    names = served_name or [Path(d).resolve().stem if Path(d).is_file() else Path(d).resolve().name for d in model_dirs]
     if len(names) != len(model_dirs):
         raise UserError(f"--served-name given {len(names)} times for {len(model_dirs)} models; give one per model")
     if len(set(names)) != len(names):
         raise UserError(f"served model names must differ, got {names}; use --served-name")
     from cairn.config import ModelConfig
 
+    model_dirs = [_model(d) for d in model_dirs]  # .gguf files: imported once into the cache
     for d in model_dirs:  # fail before binding the port if a directory is plainly wrong
         ModelConfig.from_hf_dir(d)
     config = EngineConfig(device=device, dtype=dtype, threads=threads, max_seqs=max_concurrency,
                           max_queue=max_queue, max_context=max_context)
 
     if pool is not None:
-        from cairn.pool.control import connect
+        connect = _pool().connect
 
         connect(pool, _pool_token(token))  # a wrong token fails here, before the port is bound
 
     def load():
         return {n: _load_llm(d, config, pool, token, wire_dtype, n) for n, d in zip(names, model_dirs)}
 
-    app = create_app(loader=load, api_key=api_key or os.environ.get("CAIRN_API_KEY") or None)
+    app = create_app(loader=load, api_key=api_key or os.environ.get("CAIRN_API_KEY") or None,
+                     max_body_bytes=max_body_bytes)
     print(f"cairn: serving {', '.join(names)} on http://{host}:{port}/v1", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    uvicorn.run(app, host=host, port=port, log_level="debug" if log_level == "debug" else "warning", access_log=False)
     return 0
+
+
+def _pool(module: str = "cairn.pool.control"):
+    """Import a module that needs the `pool` extra (Ray): without it, a one-line install hint (exit 2), never a
+    ModuleNotFoundError traceback. Every pool command and --pool option comes through here."""
+    import importlib
+    import importlib.util
+
+    hint = UserError("this needs the pool extra (Ray), which is not installed here: pip install 'cairn[pool]'")
+    if importlib.util.find_spec("ray") is None:
+        raise hint
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if (e.name or "").partition(".")[0] == "ray":
+            raise hint from None
+        raise
 
 
 def _pool_paths():
     import os
 
-    from cairn.pool.control import PoolPaths
+    PoolPaths = _pool().PoolPaths
 
     return PoolPaths(Path(os.environ.get("CAIRN_HOME") or Path.home() / ".cairn") / "pool")
 
@@ -278,15 +382,19 @@ def _pool_token(token: str | None) -> str | None:
 
 
 def pool_start(port: int = 6380, host: str = "127.0.0.1", device: str | None = "cpu", memory: str | None = None,
-               no_device: bool = False, num_cpus: int | None = None) -> int:
+               no_device: bool = False, num_cpus: int | None = None, show_token: bool = False) -> int:
     """Start a pool head (a Ray head with token authentication on) on this machine, offering its device too unless
-    --no-device. Prints the address and the join token; `cairn pool token` prints the token again."""
-    from cairn.pool import control
+    --no-device. Prints the address and where the join token is kept (mode 0600); `cairn pool token` (or
+    --show-token) prints it."""
+    control = _pool()
 
-    state = control.start(_pool_paths(), host, port, None if no_device else device, memory, num_cpus)
-    token = _pool_paths().token.read_text().strip()
+    paths = _pool_paths()
+    state = control.start(paths, host, port, None if no_device else device, memory, num_cpus)
     print(f"pool started at {state['address']}")
-    print(f"join with: cairn pool join {state['address']} --token {token}")
+    print(f"join token: in {paths.token} (print it with: cairn pool token)")
+    if show_token:
+        print(f"token: {paths.token.read_text().strip()}")
+    print(f"join with: CAIRN_POOL_TOKEN=... cairn pool join {state['address']}")
     return 0
 
 
@@ -303,7 +411,7 @@ def pool_join(address: str, token: str | None = None, host: str = "127.0.0.1", d
               memory: str | None = None, num_cpus: int | None = None) -> int:
     """Join the pool at ADDRESS as a node offering one device with a memory budget (e.g. --memory 6GiB). The device
     is measured (matmul throughput, memory bandwidth) and declared; a wrong or missing token is refused."""
-    from cairn.pool import control
+    control = _pool()
 
     state = control.join(_pool_paths(), address, _pool_token(token) or "", host, device, memory, num_cpus)
     print(f"joined {address} as {state['name']}: {device}, budget {state['memory'] / 2**30:.2f} GiB, "
@@ -316,7 +424,7 @@ def pool_status(address: str | None = None, token: str | None = None, json_out: 
     model it runs."""
     import json as _json
 
-    from cairn.pool import control
+    control = _pool()
 
     paths = _pool_paths()
     if address is None:
@@ -345,7 +453,7 @@ def pool_status(address: str | None = None, token: str | None = None, json_out: 
 
 def pool_leave(name: str | None = None) -> int:
     """Take the node(s) this machine joined out of the pool."""
-    from cairn.pool import control
+    control = _pool()
 
     gone = control.leave(_pool_paths(), name)
     print(f"left: {', '.join(gone) if gone else 'no node was joined from this machine'}")
@@ -354,7 +462,7 @@ def pool_leave(name: str | None = None) -> int:
 
 def pool_stop() -> int:
     """Stop the pool head started on this machine (and any node it joined)."""
-    from cairn.pool import control
+    control = _pool()
 
     print("pool stopped" if control.stop(_pool_paths()) else "no pool head was running from this machine")
     return 0
@@ -429,6 +537,10 @@ COMMANDS: dict[str, tuple[Callable[..., int], list[Arg]]] = {
         arg("--max-queue", type=int, default=256, help="waiting requests allowed before 429"),
         arg("--max-context", type=int, default=None, help="cap on prompt + output tokens"),
         arg("--served-name", action="append", default=None, help="name clients use (one per model)"),
+        arg("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="larger request bodies get 413"),
+        arg("--log-level", choices=["debug", "info", "warning", "error"], default="info",
+            help="requests are logged at info, failures at warning/error"),
+        arg("--log-json", action="store_true", help="log JSON lines instead of text"),
         *_RUNTIME,
         *_POOL,
     ]),
@@ -462,6 +574,34 @@ COMMANDS: dict[str, tuple[Callable[..., int], list[Arg]]] = {
         arg("--delta-dtype", choices=["fp32", "bf16", "int8"], default=None,
             help="pseudo-gradients up and global-weight changes down"),
     ]),
+    "eval": (evaluate, [
+        arg("model_dir", nargs="?", default=None, metavar="MODEL"),
+        arg("--perplexity", action="append", default=None, metavar="FILE", help="text or JSONL; repeatable"),
+        arg("--choice", action="append", default=None, metavar="FILE", help="multiple-choice JSONL; repeatable"),
+        arg("--generate", dest="generate_files", action="append", default=None, metavar="FILE",
+            help="generation JSONL; repeatable"),
+        arg("--window", type=int, default=None, help="perplexity window in tokens (default min(2048, context))"),
+        arg("--stride", type=int, default=None, help="perplexity stride (default window / 2)"),
+        arg("--fewshot", type=int, default=0, help="choice: the first N items become examples"),
+        arg("--chat-template", action="store_true", help="choice/generate: wrap questions in the chat template"),
+        arg("--max-tokens", type=int, default=64, help="generate: answer length"),
+        arg("--max-context", type=int, default=None, help="context to allocate (default min(model's, 4096))"),
+        arg("--out", default=None, help="JSON results (default eval-NAME.json)"),
+        arg("--compare", nargs="+", default=None, metavar="RESULT", help="print result files side by side"),
+        *_RUNTIME,
+        *_POOL,
+    ]),
+    "import": (gguf_import, [
+        arg("gguf_file", metavar="MODEL.gguf"),
+        arg("out_dir", metavar="OUT_DIR"),
+        arg("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="weights as stored"),
+    ]),
+    "export": (gguf_export, [
+        arg("model_dir", metavar="MODEL_DIR"),
+        arg("out_file", metavar="OUT.gguf"),
+        arg("--type", dest="qtype", choices=["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"],
+            default="f16", help="weight type (quantized types: every matrix, norms stay f32)"),
+    ]),
     "lora merge": (lora_merge, [
         arg("base"),
         arg("adapter"),
@@ -475,6 +615,7 @@ COMMANDS: dict[str, tuple[Callable[..., int], list[Arg]]] = {
         arg("--memory", default=None, help="memory budget for that device, e.g. 6GiB (default: 80%% of free)"),
         arg("--no-device", action="store_true", help="the head coordinates only"),
         arg("--num-cpus", type=int, default=None),
+        arg("--show-token", action="store_true", help="also print the join token (else: cairn pool token)"),
     ]),
     "pool token": (pool_token, []),
     "pool join": (pool_join, [

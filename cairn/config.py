@@ -285,6 +285,8 @@ class SamplingParams:
     """Keep generating past end-of-sequence tokens."""
     logprobs: int | None = None
     """Return the chosen token's logprob, plus this many top alternatives."""
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """(token id, bias in [-100, 100]) pairs added to the model's logits before any penalty, filter or choice."""
 
     def __post_init__(self) -> None:
         checks = [
@@ -298,6 +300,8 @@ class SamplingParams:
             (-2 <= self.frequency_penalty <= 2, "frequency_penalty", "must be in [-2, 2]"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", "must be in [0, 20]"),
             (all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings"),
+            (all(t >= 0 and -100 <= b <= 100 for t, b in self.logit_bias), "logit_bias",
+             "must map token ids >= 0 to biases in [-100, 100]"),
         ]
         for ok, name, why in checks:
             if not ok:

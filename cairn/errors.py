@@ -44,8 +44,15 @@ class EngineClosedError(CairnError):
     """The engine was shut down while a request was pending."""
 
 
+class GenerationError(CairnError):
+    """Generating failed for a reason that is not the user's (a bug or a device failure); the cause is chained."""
+
+
 class CapacityError(UserError):
-    """The devices available cannot hold the model; retry when capacity returns (HTTP 503)."""
+    """The devices available cannot hold the model; retry when capacity returns (the server answers 503)."""
 
     code = "insufficient_capacity"
-    http_status = 503
+
+
+class WorkerLostError(CairnError):
+    """A process working for cairn on a pool device died or left (its node was lost)."""

@@ -7,6 +7,12 @@ from cairn.models.init import init_model
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+from tests.require_all import (  # noqa: F401 (hooks: CAIRN_REQUIRE_ALL=1 fails skips)
+    pytest_make_collect_report,
+    pytest_report_header,
+    pytest_runtest_makereport,
+)
+
 # Variants the faithfulness oracle covers: name -> (arch, overrides).
 VARIANTS = {
     "llama": ("llama", {}),
@@ -24,7 +30,8 @@ VARIANTS = {
 
 @pytest.fixture(scope="session")
 def model_factory(tmp_path_factory):
-    """Make (once per session) a tiny random model of a variant; weights large enough that logits are peaked."""
+    """Make (once per session) a tiny random model of a variant; weights large enough that logits are peaked, and
+    random biases (where the variant has them), so the oracle tests notice a bias loaded wrongly."""
     made = {}
 
     def make(variant: str = "llama", shape: str = "tiny", dtype: str = "float32"):
@@ -32,7 +39,8 @@ def model_factory(tmp_path_factory):
         if key not in made:
             arch, overrides = VARIANTS[variant]
             path = tmp_path_factory.mktemp(f"{variant}-{shape}-{dtype}")
-            init_model(path, shape=shape, arch=arch, seed=1, dtype=dtype, init_std=0.1, **overrides)
+            init_model(path, shape=shape, arch=arch, seed=1, dtype=dtype, init_std=0.1, bias_std=0.1,
+                       **overrides)
             made[key] = path
         return made[key]
 

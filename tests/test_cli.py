@@ -9,7 +9,7 @@ import pytest
 
 def cairn(*args, input=None):
     return subprocess.run([sys.executable, "-m", "cairn", *map(str, args)], capture_output=True, text=True,
-                          input=input, timeout=300)
+                          input=input, timeout=300, check=False)
 
 
 @pytest.fixture(scope="module")
@@ -71,17 +71,29 @@ def test_serve_answers_the_openai_client_and_stops_on_sigterm(cli_model):
 
     import openai
 
-    from cairn.serve.launch import ServerProcess
+    from tests.serverproc import ServerProcess
 
-    server = ServerProcess([cli_model], "--api-key", "k", "--served-name", "m", timeout=60)
+    key = "cli-secret-key-42"
+    server = ServerProcess([cli_model], "--api-key", key, "--served-name", "m", "--log-json", "--max-body-bytes",
+                           "5000", timeout=60, stderr=subprocess.PIPE, text=True)
     try:
-        client = openai.OpenAI(base_url=server.url + "/v1", api_key="k", max_retries=0)
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
         r = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hello"}], max_tokens=5)
         assert r.choices[0].finish_reason in ("stop", "length") and r.usage.completion_tokens <= 5
+        with pytest.raises(openai.APIStatusError) as e:
+            client.completions.create(model="m", prompt="x" * 6000)
+        assert e.value.status_code == 413
     finally:
         server.stop()
     # uvicorn shuts down gracefully, then re-raises the SIGTERM it caught; -9 would mean it hung and was killed.
     assert server.proc.returncode in (0, -signal.SIGTERM)
+    log = server.proc.stderr.read()
+    assert key not in log
+    lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    chat = [x for x in lines if x.get("route") == "/v1/chat/completions"]
+    assert chat and chat[0]["status"] == 200 and chat[0]["model"] == "m" and chat[0]["logger"] == "cairn.serve"
+    assert chat[0]["completion_tokens"] == r.usage.completion_tokens
+    assert any(x.get("route") == "/v1/completions" and x["status"] == 413 for x in lines)
 
 
 def test_serve_bad_model_dir_exits_2():
@@ -104,3 +116,43 @@ def test_tokenizer_train_writes_a_tokenizer_transformers_loads(tmp_path):
     bad.write_text('{"text": "ok"}\nnot json\n')
     r = cairn("tokenizer", "train", bad, "--vocab-size", "400", "--out", tmp_path / "t2")
     assert r.returncode == 2 and "bad.jsonl:2" in r.stderr
+
+
+POOL_COMMANDS = [
+    ["pool", "start"],
+    ["pool", "join", "127.0.0.1:6380"],
+    ["pool", "status", "--address", "127.0.0.1:6380"],
+    ["pool", "token"],
+    ["pool", "leave"],
+    ["pool", "stop"],
+    ["generate", "{model}", "--prompt", "x", "--pool", "127.0.0.1:6380"],
+    ["serve", "{model}", "--pool", "127.0.0.1:6380"],
+    ["train", "--recipe", "sft", "--model", "{model}", "--data", "d.jsonl", "--out", "{tmp}/o", "--pool",
+     "127.0.0.1:6380", "--workers", "2"],
+]
+
+
+@pytest.mark.parametrize("args", POOL_COMMANDS, ids=lambda a: " ".join(a[:2]))
+def test_pool_commands_without_ray_exit_2_with_the_install_hint(args, tiny_model, tmp_path, monkeypatch, capsys):
+    """Without the pool extra (simulated: `import ray` fails), every pool command and --pool option says how to
+    install it, on one line, exit 2."""
+    import sys
+
+    from cairn.cli import main
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ModuleNotFoundError, as when it is not installed
+    monkeypatch.setenv("CAIRN_HOME", str(tmp_path / "home"))
+    assert main([a.format(model=tiny_model, tmp=tmp_path) for a in args]) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'cairn[pool]'" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "home").exists() and not (tmp_path / "o").exists()
+
+
+def test_pool_command_without_ray_as_a_user_runs_it(tmp_path):
+    """The same through a real process: no traceback."""
+    code = "import sys; sys.modules['ray'] = None; from cairn.cli import main; sys.exit(main(sys.argv[1:]))"
+    r = subprocess.run([sys.executable, "-c", code, "pool", "status", "--address", "127.0.0.1:6380"],
+                       capture_output=True, text=True, timeout=120, check=False)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == "cairn: error: this needs the pool extra (Ray), which is not installed here: " \
+                               "pip install 'cairn[pool]'"

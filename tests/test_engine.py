@@ -85,12 +85,25 @@ def test_stop_token_and_eos(llm):
     first = g.index(stop_at)
     r = llm.submit("The engineer", SamplingParams(max_tokens=16, temperature=0, stop_token_ids=(stop_at,))).result()
     assert r.finish_reason == "stop" and r.token_ids == g[: first + 1]
-    ended = llm.submit("The engineer", SamplingParams(max_tokens=16, temperature=0, ignore_eos=False)).result()
-    eos = set(llm.engine.eos_ids)
-    if any(t in eos for t in g):  # the model may emit EOS by chance; then it must stop there
-        assert ended.finish_reason == "stop" and ended.token_ids[-1] in eos
-    else:
-        assert ended.finish_reason == "length"
+
+
+def test_generation_stops_at_an_end_of_sequence_token(llm, tiny_model, tmp_path):
+    """A model whose generation_config.json names, as end of sequence, a token greedy decoding is known to emit:
+    generation stops right after its first occurrence (finish "stop"); ignore_eos goes on to max_tokens."""
+    import json
+    import shutil
+
+    g = llm.submit("The engineer", GREEDY).result().token_ids
+    eos = next(t for t in g[4:] if t not in g[:4])  # emitted first at a known later position
+    model = shutil.copytree(tiny_model, tmp_path / "m")
+    (model / "generation_config.json").write_text(json.dumps({"eos_token_id": [eos], "do_sample": False}))
+    with LLM(model, EngineConfig(max_seqs=1, max_context=256)) as m:
+        stops = set(m.engine.eos_ids)  # ours plus config.json's own
+        assert eos in stops
+        first = next(i for i, t in enumerate(g) if t in stops)
+        ended = m.submit("The engineer", SamplingParams(max_tokens=16, temperature=0)).result()
+        assert ended.finish_reason == "stop" and ended.token_ids == g[: first + 1]
+        assert m.submit("The engineer", GREEDY).result().token_ids == g
 
 
 def test_stop_string_truncates_text(llm):
@@ -113,16 +126,107 @@ def test_logprobs_match_log_softmax_of_model(llm, tiny_model):
     n = len(ids) - len(r.token_ids)
     for i, item in enumerate(r.logprobs):
         assert item.logprob == pytest.approx(float(lp[n - 1 + i, item.token_id]), abs=1e-4)
-        assert [t for t, _ in item.top][0] == item.token_id  # greedy: the chosen token is the top one
+        assert item.top[0][0] == item.token_id  # greedy: the chosen token is the top one
         assert len(item.top) == 3
 
 
-def test_repetition_penalty_changes_greedy_output(llm):
-    plain = llm.submit("The engineer", GREEDY).result().token_ids
-    penalised = llm.submit("The engineer", SamplingParams(max_tokens=16, temperature=0, ignore_eos=True,
-                                                          repetition_penalty=5.0)).result().token_ids
-    assert len(set(penalised)) >= len(set(plain))
-    assert penalised != plain or len(set(plain)) == len(plain)
+def greedy_by_hand(model_dir, prompt: list[int], n: int, repetition=1.0, presence=0.0, frequency=0.0) -> list[int]:
+    """The oracle: greedy decoding from the whole model's logits for the sequence so far (no cache, no batching),
+    penalties written out. Repetition (CTRL, as in transformers): a token of prompt or output has its logit divided
+    by the penalty when positive, multiplied when negative. Presence / frequency (OpenAI): an output token's logit
+    drops by presence + frequency x its count in the output."""
+    from cairn.config import ModelConfig
+    from cairn.models.checkpoint import load_stage
+    from cairn.models.llama import full_forward
+
+    stage = load_stage(model_dir, ModelConfig.from_hf_dir(model_dir))
+    seq, out = list(prompt), []
+    for _ in range(n):
+        with torch.no_grad():
+            logits = full_forward(stage, torch.tensor([seq]))[0, -1].tolist()  # (V,)
+        for t in set(seq):
+            logits[t] = logits[t] / repetition if logits[t] > 0 else logits[t] * repetition
+        for t in set(out):
+            logits[t] -= presence + frequency * out.count(t)
+        out.append(max(range(len(logits)), key=logits.__getitem__))
+        seq.append(out[-1])
+    return out
+
+
+@pytest.mark.parametrize("penalty", [{"repetition": 5.0}, {"repetition": 1.3}, {"presence": 0.3, "frequency": 0.2},
+                                     {"presence": 0.5}, {"frequency": 0.3}])
+def test_penalties_follow_their_formulas_through_the_engine(llm, tiny_model, penalty):
+    """Greedy with penalties equals decoding by hand, step by step, on a prompt whose plain greedy output repeats
+    (so every penalty has something to act on, and does change the output)."""
+    n, prompt = 24, llm.encode_prompt("The engineer")
+    plain = llm.submit(prompt, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)).result().token_ids
+    assert plain == greedy_by_hand(tiny_model, prompt, n)
+    assert len(set(plain)) < len(plain), f"the test needs a prompt whose greedy output repeats, got {plain}"
+    names = {"repetition": "repetition_penalty", "presence": "presence_penalty", "frequency": "frequency_penalty"}
+    got = llm.submit(prompt, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True,
+                                            **{names[k]: v for k, v in penalty.items()})).result().token_ids
+    assert got == greedy_by_hand(tiny_model, prompt, n, **penalty)
+    assert got != plain
+
+
+def test_logit_bias_through_the_engine_matches_greedy_by_hand(llm, tiny_model):
+    """A bias that demotes the plain greedy token steers greedy decoding exactly as adding it by hand would."""
+    prompt = llm.encode_prompt("The engineer")
+    plain = llm.submit(prompt, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)).result().token_ids
+    bias = ((plain[0], -5.0), (plain[1], 3.0))
+    got = llm.submit(prompt, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True,
+                                            logit_bias=bias)).result().token_ids
+    from cairn.config import ModelConfig
+    from cairn.models.checkpoint import load_stage
+    from cairn.models.llama import full_forward
+
+    stage, seq, want = load_stage(tiny_model, ModelConfig.from_hf_dir(tiny_model)), list(prompt), []
+    for _ in range(6):
+        with torch.no_grad():
+            logits = full_forward(stage, torch.tensor([seq]))[0, -1]  # (V,)
+        for t, b in bias:
+            logits[t] += b
+        want.append(int(logits.argmax()))
+        seq.append(want[-1])
+    assert got == want and got != plain
+    with pytest.raises(UserError) as e:
+        llm.submit(prompt, SamplingParams(max_tokens=2, logit_bias=((llm.model_config.vocab_size, 1.0),)))
+    assert e.value.param == "logit_bias"
+
+
+def test_prompt_logprobs_match_the_model(llm, tiny_model):
+    transformers = pytest.importorskip("transformers")
+    ids = llm.encode_prompt("The engineer builds a cairn")
+    got = llm.prompt_logprobs(ids, 2)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    with torch.no_grad():
+        lp = torch.log_softmax(ref(torch.tensor([ids])).logits[0], -1)  # (T, V)
+    assert got[0] is None and len(got) == len(ids)
+    for i, item in enumerate(got[1:]):
+        assert item.token_id == ids[i + 1]
+        assert item.logprob == pytest.approx(float(lp[i, ids[i + 1]]), abs=1e-4)
+        assert [t for t, _ in item.top] == lp[i].topk(2).indices.tolist()
+
+
+def test_engine_failures_are_typed_errors_not_status_codes(tiny_model, monkeypatch):
+    """A runner failure ends the requests with the exception itself: a CairnError as it is (CapacityError stays a
+    CapacityError), anything else as a GenerationError chained to it."""
+    from cairn.errors import CapacityError, GenerationError
+
+    with LLM(tiny_model, EngineConfig(max_seqs=2, max_context=256)) as m:
+        for raised, expected in [(CapacityError("devices gone"), CapacityError), (KeyError("bug"), GenerationError)]:
+            def fail(chunks, rows, raised=raised):
+                raise raised
+
+            monkeypatch.setattr(m.runner, "submit", fail)
+            h = m.submit("hi", GREEDY)
+            events = list(h)
+            assert events[-1].finish_reason == "error" and events[-1].error is raised
+            with pytest.raises(expected) as e:
+                m.submit("hi", GREEDY).result(timeout=30)
+            assert e.value is raised or e.value.__cause__ is raised
+        monkeypatch.undo()
+        assert m.submit("hi", GREEDY).result(timeout=30).finish_reason == "length"  # the engine carries on
 
 
 def test_cancel_frees_the_slot(tiny_model):

@@ -14,15 +14,20 @@ from cairn.models.checkpoint import load_stage, save_checkpoint
 from cairn.models.llama import full_forward
 from tests.conftest import VARIANTS
 
-transformers = pytest.importorskip("transformers")
 
+@pytest.fixture
+def hf_model():
+    """The oracle: transformers' own model loaded from a directory (only the tests that compare need it)."""
+    transformers = pytest.importorskip("transformers")
 
-def hf_model(path, dtype=torch.float32):
-    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    def load(path, dtype=torch.float32):
+        return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+
+    return load
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_logits_match_transformers(model_factory, variant):
+def test_logits_match_transformers(model_factory, variant, hf_model):
     path = model_factory(variant)
     cfg = ModelConfig.from_hf_dir(path)
     stage = load_stage(path, cfg)
@@ -34,7 +39,7 @@ def test_logits_match_transformers(model_factory, variant):
 
 
 @pytest.mark.parametrize("variant", ["llama", "mistral-window", "qwen2", "llama3-rope"])
-def test_cached_engine_path_matches_transformers(model_factory, variant):
+def test_cached_engine_path_matches_transformers(model_factory, variant, hf_model):
     """Prefill in chunks, then decode token by token through the KV cache: every logit row equals the reference."""
     path = model_factory(variant)
     llm = LLM(path, EngineConfig(max_seqs=2, max_context=128))
@@ -53,7 +58,7 @@ def test_cached_engine_path_matches_transformers(model_factory, variant):
 
 
 @pytest.mark.parametrize("variant", ["llama", "qwen2", "mistral-window"])
-def test_greedy_generation_identical_to_transformers(model_factory, variant):
+def test_greedy_generation_identical_to_transformers(model_factory, variant, hf_model):
     path = model_factory(variant)
     prompt = "The engineer builds a wooden boat"
     with LLM(path) as llm:
@@ -64,7 +69,22 @@ def test_greedy_generation_identical_to_transformers(model_factory, variant):
     assert ours.token_ids == out[0, ids.shape[1]:].tolist()
 
 
-def test_bf16_close_to_transformers_bf16(model_factory):
+@pytest.mark.parametrize("penalty", [1.3, 5.0])
+def test_repetition_penalty_identical_to_transformers(model_factory, hf_model, penalty):
+    """transformers' repetition penalty (CTRL's, over prompt and output) is the oracle for ours."""
+    path = model_factory("llama")
+    with LLM(path) as llm:
+        ids = llm.encode_prompt("The engineer builds a wooden boat")
+        params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, repetition_penalty=penalty)
+        ours = llm.submit(ids, params).result().token_ids
+        plain = llm.submit(ids, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)).result().token_ids
+    out = hf_model(path).generate(torch.tensor([ids]), max_new_tokens=24, min_new_tokens=24, do_sample=False,
+                                  repetition_penalty=penalty, eos_token_id=None, pad_token_id=0)
+    assert ours == out[0, len(ids):].tolist()
+    assert ours != plain  # the penalty acted
+
+
+def test_bf16_close_to_transformers_bf16(model_factory, hf_model):
     path = model_factory("llama")
     cfg = ModelConfig.from_hf_dir(path)
     stage = load_stage(path, cfg, dtype="bfloat16")
@@ -86,7 +106,7 @@ def test_round_trip_is_exact(model_factory, tmp_path):
     assert json.loads((tmp_path / "config.json").read_text()) == json.loads((src / "config.json").read_text())
 
 
-def test_sharded_checkpoint_loads_in_cairn_and_transformers(model_factory, tmp_path):
+def test_sharded_checkpoint_loads_in_cairn_and_transformers(model_factory, tmp_path, hf_model):
     src = model_factory("llama-untied")
     cfg = ModelConfig.from_hf_dir(src)
     save_checkpoint(load_stage(src, cfg), tmp_path, max_shard_bytes=100_000)
@@ -179,3 +199,43 @@ def test_shape_mismatch_is_named(tiny_model, tmp_path):
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ModelLoadError, match="gate_proj.weight.*shape"):
         LLM(d)
+
+
+# ----- random initialisation and the device helper
+
+
+@pytest.mark.parametrize("variant", ["qwen2", "llama-bias"])
+def test_init_model_biases_are_zero_unless_asked(tmp_path, variant):
+    from cairn.models.init import init_model
+
+    arch, overrides = VARIANTS[variant]
+    init_model(tmp_path / "zero", arch=arch, seed=0, corpus=["a tiny corpus, a tiny corpus"] * 50, **overrides)
+    tensors = load_file(tmp_path / "zero" / "model.safetensors")
+    biases = {k: t for k, t in tensors.items() if k.endswith(".bias")}
+    assert biases and all(torch.count_nonzero(t) == 0 for t in biases.values())
+    assert all(torch.equal(t, torch.ones_like(t)) for k, t in tensors.items() if k.endswith("norm.weight"))
+    weights = [t for k, t in tensors.items() if k.endswith("proj.weight")]
+    assert all(0.01 < t.std().item() < 0.03 for t in weights)  # N(0, 0.02)
+    init_model(tmp_path / "rand", arch=arch, seed=0, corpus=["a tiny corpus, a tiny corpus"] * 50, bias_std=0.1,
+               **overrides)
+    rand = load_file(tmp_path / "rand" / "model.safetensors")
+    assert all(0.05 < rand[k].std().item() < 0.2 for k in biases)
+
+
+def test_device_names_are_checked(monkeypatch):
+    from cairn.errors import UserError
+    from cairn.models.device import torch_device
+
+    assert torch_device("cpu") == torch.device("cpu")
+    for bad in ("gpu", "cuda:x", "", "meta"):
+        with pytest.raises(UserError, match="device"):
+            torch_device(bad)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match="no usable CUDA device") as e:
+        torch_device("cuda:0")
+    assert e.value.param == "device"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert torch_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(UserError, match="2 CUDA device"):
+        torch_device("cuda:2")

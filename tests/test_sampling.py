@@ -9,6 +9,7 @@ from cairn.config import SamplingParams
 from cairn.engine.sampling import (
     GREEDY,
     RowSampling,
+    apply_logit_bias,
     apply_penalties,
     choose,
     draw,
@@ -82,6 +83,22 @@ def test_choose_rows():
     assert penalised.token_id == 2  # 3 / 10 < 2
     with pytest.raises(ValueError, match="2 sampling rows for 3 rows"):
         choose(logits, [GREEDY, GREEDY])
+
+
+def test_logit_bias_is_added_before_everything_and_steers_greedy_rows():
+    logits = torch.tensor([[1.0, 3.0, 2.0]])
+    assert apply_logit_bias(logits[0], ((0, 2.5), (2, -100.0))).tolist() == [3.5, 3.0, -98.0]
+    row = logits[0]
+    assert apply_logit_bias(row, ()) is row
+    biased = RowSampling(logit_bias=((0, 2.5),))
+    assert not biased.plain_greedy and choose(logits, [biased])[0].token_id == 0  # greedy: 1 + 2.5 > 3
+    sampled = RowSampling(temperature=1.0, seed=1, position=3, logit_bias=((2, 100.0),))
+    assert choose(logits, [sampled])[0].token_id == 2  # p(token 2) ~ 1
+    with_lp = choose(logits, [RowSampling(logprobs=1, logit_bias=((0, 2.5),))])[0]
+    assert with_lp.logprob == pytest.approx(float(torch.log_softmax(logits[0], -1)[0]))  # the model's logprob
+    with pytest.raises(UserError) as e:
+        SamplingParams(logit_bias=((3, 101.0),))
+    assert e.value.param == "logit_bias"
 
 
 def test_top_logprobs_sorted():

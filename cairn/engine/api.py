@@ -19,10 +19,12 @@ from pathlib import Path
 import torch
 
 from cairn.config import EngineConfig, ModelConfig, SamplingParams
-from cairn.engine.engine import Completion, Engine, Event, QueueFullError
+from cairn.engine.engine import Completion, Engine, Event, QueueFullError, TokenLogprob
 from cairn.engine.runner import LocalRunner, Runner
-from cairn.errors import CairnError, CapacityError, EngineClosedError, UserError
+from cairn.engine.sampling import top_logprobs
+from cairn.errors import CairnError, EngineClosedError, GenerationError, UserError
 from cairn.models.checkpoint import load_stage
+from cairn.models.device import torch_device
 from cairn.models.tokenizer import Tokenizer
 
 __all__ = ["LLM", "RequestHandle", "QueueFullError", "load_generation_eos"]
@@ -89,17 +91,14 @@ class RequestHandle:
         """Block until the request finishes (TimeoutError after `timeout` seconds); return everything it produced."""
         return _collect(self, list(self._events(timeout)))
 
-    async def aresult(self) -> Completion:
-        return _collect(self, [ev async for ev in self])
-
 
 def _collect(h: RequestHandle, events: list[Event]) -> Completion:
     tokens = [e.token_id for e in events if e.token_id is not None]
     last = events[-1]
-    if last.error:
-        if last.error_status == 503:
-            raise CapacityError(last.error)
-        raise RuntimeError(f"request {h.id} failed: {last.error}")
+    if last.error is not None:
+        if isinstance(last.error, CairnError):
+            raise last.error
+        raise GenerationError(f"request {h.id} failed: {type(last.error).__name__}: {last.error}") from last.error
     return Completion(
         request_id=h.id,
         prompt_tokens=h.prompt_tokens,
@@ -147,7 +146,7 @@ class LLM:
         self.dtype = resolve_dtype(cfg, config)
         max_context = min(cfg.max_position_embeddings, config.max_context or 4096)
         if runner is None:
-            stage = load_stage(self.model_dir, cfg, dtype=self.dtype, device=_device(config.device))
+            stage = load_stage(self.model_dir, cfg, dtype=self.dtype, device=torch_device(config.device))
             runner = LocalRunner([stage], config.max_seqs, max_context)
         self.runner = runner
         self.engine = Engine(runner, self.tokenizer, load_generation_eos(self.model_dir, cfg),
@@ -188,6 +187,28 @@ class LLM:
         self._inbox.put(("add", ids, params, handle))
         self._wake.set()
         return handle
+
+    def prompt_logprobs(self, ids: list[int], top: int = 0) -> list[TokenLogprob | None]:
+        """The model's logprob of each prompt token given the ones before it (None for the first), with `top`
+        alternatives each: what an echoed prompt reports. One cache-free forward, beside the engine's steps; a
+        runner without `prompt_logits` (a pool) cannot do it."""
+        score = getattr(self.runner, "prompt_logits", None)
+        if score is None:
+            raise UserError("prompt logprobs (echo with logprobs) are not available for a model served by a pool",
+                            param="echo")
+        self.engine.check(ids, SamplingParams(max_tokens=None))
+        logsm = torch.log_softmax(score(ids)[:-1].float(), -1)  # (T - 1, V): row i predicts ids[i + 1]
+        return [None] + [TokenLogprob(t, float(logsm[i, t]), tuple(top_logprobs(logsm[i], top)))
+                         for i, t in enumerate(ids[1:])]
+
+    def score(self, ids: list[int]) -> tuple[list[float], list[bool]]:
+        """The logprob of each of ids[1:] given the ones before it, and whether it was the greedy choice: what
+        evaluation (perplexity, multiple choice) needs. At most the context length; local or pool alike."""
+        if len(ids) < 2:
+            raise UserError("scoring needs at least two tokens", param="prompt")
+        if len(ids) > self.engine.max_context:
+            raise UserError(f"{len(ids)} tokens do not fit the context of {self.engine.max_context}", param="prompt")
+        return self.runner.score(ids)
 
     def chat(self, messages: list[dict], params: SamplingParams = SamplingParams()) -> RequestHandle:
         return self.submit(self.render_chat(messages), params)
@@ -230,10 +251,9 @@ class LLM:
             try:
                 self.engine.step()
             except Exception as e:  # a device failure beyond recovery, or a bug: fail the requests, keep the thread
-                self.engine.fail_all(str(e) if isinstance(e, CairnError) else f"{type(e).__name__}: {e}",
-                                     getattr(e, "http_status", 500))
+                self.engine.fail_all(e)
         self._drain_inbox()
-        self.engine.fail_all("the engine was shut down")
+        self.engine.fail_all(EngineClosedError("the engine was shut down"))
 
     def _drain_inbox(self) -> None:
         while True:
@@ -248,12 +268,7 @@ class LLM:
                 try:
                     self.engine.add(ids, params, handle._deliver, handle.id)
                 except Exception as e:  # checked at submit already; anything left ends the request with an error
-                    handle._deliver(Event(handle.id, None, "", None, "error", f"{type(e).__name__}: {e}"))
+                    handle._deliver(Event(handle.id, None, "", None, "error", e))
             elif msg[0] == "cancel":
                 self.engine.cancel(msg[1])
 
-
-def _device(name: str) -> torch.device:
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device {name!r} was asked for but CUDA is not available here", param="device")
-    return torch.device(name)

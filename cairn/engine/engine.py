@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import itertools
 import random
-import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -47,9 +46,9 @@ class Event:
     text: str
     logprob: TokenLogprob | None = None
     finish_reason: FinishReason | None = None
-    error: str | None = None
-    error_status: int | None = None
-    """HTTP status that fits the error (503 when capacity is gone, 500 otherwise)."""
+    error: Exception | None = None
+    """Why the request failed (finish_reason "error"): a typed error, e.g. CapacityError when the devices that
+    held the model are gone, EngineClosedError at shutdown; anything else is a bug or a device failure."""
 
 
 @dataclass
@@ -81,8 +80,6 @@ class Sequence:
     slot: int | None = None
     computed: int = 0  # tokens whose keys/values are in the cache
     in_flight: bool = False  # part of a step submitted and not yet collected
-    arrived: float = field(default_factory=time.perf_counter)
-    first_token_at: float | None = None
 
     @property
     def tokens(self) -> list[int]:
@@ -92,7 +89,7 @@ class Sequence:
         """How the runner is to choose this sequence's next token."""
         p = self.params
         if (p.greedy and p.logprobs is None and p.repetition_penalty == 1.0 and not p.presence_penalty
-                and not p.frequency_penalty):
+                and not p.frequency_penalty and not p.logit_bias):
             return GREEDY
         return RowSampling(
             temperature=0.0 if p.greedy else p.temperature, top_p=p.top_p, top_k=p.top_k, min_p=p.min_p,
@@ -100,7 +97,7 @@ class Sequence:
             frequency_penalty=p.frequency_penalty, seed=self.seed, position=len(self.prompt) + len(self.output),
             seen=tuple(self.tokens) if p.repetition_penalty != 1.0 else (),
             generated=tuple(self.output) if p.presence_penalty or p.frequency_penalty else (),
-            logprobs=p.logprobs,
+            logprobs=p.logprobs, logit_bias=p.logit_bias,
         )
 
 
@@ -139,6 +136,8 @@ class Engine:
             raise UserError("the prompt is empty: give at least one token", param="prompt")
         if self.vocab_size is not None and (min(prompt) < 0 or max(prompt) >= self.vocab_size):
             raise UserError(f"prompt token ids must be in [0, {self.vocab_size})", param="prompt")
+        if self.vocab_size is not None and any(t >= self.vocab_size for t, _ in params.logit_bias):
+            raise UserError(f"logit_bias token ids must be in [0, {self.vocab_size})", param="logit_bias")
         n, ctx = len(prompt), self.max_context
         if n >= ctx:
             raise ContextLengthError(
@@ -237,8 +236,6 @@ class Engine:
         if seq.params.logprobs is not None:
             lp = TokenLogprob(token, choice.logprob, choice.top)
         seq.output.append(token)
-        if seq.first_token_at is None:
-            seq.first_token_at = time.perf_counter()
         finish: FinishReason | None = None
         if token in seq.stop_ids:
             text, finish = "", "stop"
@@ -253,9 +250,9 @@ class Engine:
             self._release(seq)
         seq.sink(Event(seq.id, token, text, lp, finish))
 
-    def _finish(self, seq: Sequence, reason: FinishReason, error: str | None = None, status: int | None = None) -> None:
+    def _finish(self, seq: Sequence, reason: FinishReason, error: Exception | None = None) -> None:
         self._release(seq)
-        seq.sink(Event(seq.id, None, "", None, reason, error, status))
+        seq.sink(Event(seq.id, None, "", None, reason, error))
 
     def _release(self, seq: Sequence) -> None:
         if seq in self.running:
@@ -272,11 +269,11 @@ class Engine:
             self.free_slots.sort()
             seq.slot = None
 
-    def fail_all(self, message: str, status: int = 500) -> None:
-        """End every request with an error (the runner failed beyond recovery); steps in flight are dropped."""
+    def fail_all(self, error: Exception) -> None:
+        """End every request with `error` (the runner failed beyond recovery); steps in flight are dropped."""
         for step in self.in_flight:
             for seq in step.seqs:
                 seq.in_flight = False
         self.in_flight.clear()
         for seq in list(self.waiting) + self.running:
-            self._finish(seq, "error", message, status)
+            self._finish(seq, "error", error)

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 
 from cairn.config import ModelConfig
 from cairn.engine.fast import pack_linears
-from cairn.engine.sampling import Choice, RowSampling, choose
-from cairn.models.llama import LlamaStage, rotary_tables
+from cairn.engine.sampling import Choice, RowSampling, choose, target_logprobs
+from cairn.models.llama import CausalContext, LlamaStage, rotary_tables
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,11 @@ class Runner(Protocol):
         """The sequence in `slot` ended: its history need not be kept."""
         ...
 
+    def score(self, tokens: list[int]) -> tuple[list[float], list[bool]]:
+        """Logprob of each of tokens[1:] given the ones before it and whether it was the most likely token, from
+        one cache-free forward (evaluation). Uses no slot, so it may run beside the engine's steps."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -72,9 +77,6 @@ class KVCache:
         self.first_layer = stage.range.start
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in stage.range]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in stage.range]
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
 
 class PackedContext:
@@ -189,6 +191,22 @@ class LocalRunner:
         for ex in self.executors:
             x = ex.run(chunks, x)
         return x
+
+    @torch.inference_mode()
+    def prompt_logits(self, tokens: list[int]) -> torch.Tensor:
+        """Logits (T, V) after each of `tokens`, in one cache-free forward: it uses no slot, so it may run beside
+        the engine's steps (prompt logprobs for an echoed prompt). Pool runners do not offer it."""
+        first = self.stages[0]
+        device = next(first.parameters()).device
+        x = torch.tensor([tokens], device=device)  # (1, T)
+        ctx = CausalContext(first.cfg, 1, len(tokens), device)
+        for stage in self.stages:
+            x = stage(x, ctx)
+        return x[0]  # (T, V)
+
+    def score(self, tokens: list[int]) -> tuple[list[float], list[bool]]:
+        """Logprob of each of tokens[1:] given the ones before it, and whether it was the greedy choice."""
+        return target_logprobs(self.prompt_logits(tokens), tokens)
 
     def free(self, slot: int) -> None:
         pass

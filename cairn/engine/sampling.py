@@ -39,6 +39,8 @@ class RowSampling:
     """Output token ids; only when a presence or frequency penalty is set."""
     logprobs: int | None = None
     """Return the chosen token's logprob and this many alternatives."""
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """(token id, bias) pairs added to the logits before everything else (OpenAI's logit_bias)."""
 
     @property
     def greedy(self) -> bool:
@@ -48,7 +50,7 @@ class RowSampling:
     def plain_greedy(self) -> bool:
         """Argmax of the raw logits, nothing else asked: such rows are chosen together in one call."""
         return (self.greedy and self.logprobs is None and self.repetition_penalty == 1.0
-                and not self.presence_penalty and not self.frequency_penalty)
+                and not self.presence_penalty and not self.frequency_penalty and not self.logit_bias)
 
 
 GREEDY = RowSampling()
@@ -83,6 +85,14 @@ def apply_penalties(
         counts = torch.bincount(generated, minlength=out.numel()).to(out.dtype)  # (V,)
         out -= frequency * counts + presence * (counts > 0).to(out.dtype)
     return out
+
+
+def apply_logit_bias(logits: torch.Tensor, bias: Sequence[tuple[int, float]]) -> torch.Tensor:
+    """logits (V,) plus bias[token] for each (token, bias) pair; a new row."""
+    if not bias:
+        return logits
+    ids = torch.tensor([t for t, _ in bias], dtype=torch.long)
+    return logits.index_add(0, ids, torch.tensor([b for _, b in bias], dtype=logits.dtype))
 
 
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -141,9 +151,9 @@ def draw(logits: torch.Tensor, u: float) -> int:
 
 
 def choose_row(logits: torch.Tensor, row: RowSampling) -> Choice:
-    """The next token for one row of logits (V,): penalties, then greedy or temperature + filters + draw.
-    Logprobs are those of the model (raw logits), as OpenAI reports them."""
-    x = logits
+    """The next token for one row of logits (V,): logit bias, penalties, then greedy or temperature + filters +
+    draw. Logprobs are those of the model (raw logits), as OpenAI reports them."""
+    x = apply_logit_bias(logits, row.logit_bias)
     if row.repetition_penalty != 1.0 or row.presence_penalty or row.frequency_penalty:
         x = apply_penalties(x, torch.tensor(row.seen, dtype=torch.long), torch.tensor(row.generated, dtype=torch.long),
                             row.repetition_penalty, row.presence_penalty, row.frequency_penalty)
@@ -182,3 +192,29 @@ def top_logprobs(logprobs: torch.Tensor, k: int) -> list[tuple[int, float]]:
         return []
     vals, ids = torch.topk(logprobs, k)
     return list(zip(ids.tolist(), vals.tolist()))
+
+
+ChoiceReply = tuple[list[int], dict[int, tuple[float, tuple]]]
+
+
+def encode_choices(choices: list[Choice | None]) -> ChoiceReply:
+    """A step's choices made small for the wire: one token id per row (-1 where none was due), plus the logprobs
+    of the rows that asked for them, by row. Token ids only, never logits."""
+    ids = [-1 if c is None else c.token_id for c in choices]
+    extra = {i: (c.logprob, c.top) for i, c in enumerate(choices) if c is not None and c.logprob is not None}
+    return ids, extra
+
+
+def decode_choices(reply: ChoiceReply) -> list[Choice | None]:
+    ids, extra = reply
+    return [None if t < 0 else Choice(t, *extra[i]) if i in extra else Choice(t) for i, t in enumerate(ids)]
+
+
+def target_logprobs(logits: torch.Tensor, tokens: list[int]) -> tuple[list[float], list[bool]]:
+    """How likely a model found a token sequence: from logits (T, V) where row i follows tokens[: i + 1], the
+    logprob of each next token tokens[i + 1] and whether it was the most likely one (T - 1 entries each)."""
+    logsm = torch.log_softmax(logits[:-1].float(), -1)  # (T - 1, V)
+    target = torch.tensor(tokens[1:], device=logsm.device)[:, None]  # (T - 1, 1)
+    chosen = logsm.gather(-1, target)[:, 0]  # (T - 1,)
+    greedy = chosen >= logsm.max(-1).values
+    return chosen.tolist(), greedy.tolist()

@@ -6,8 +6,6 @@ Only safetensors are read; a missing, truncated or corrupt file is named with th
 from __future__ import annotations
 
 import json
-import os
-import re
 import shutil
 from pathlib import Path
 
@@ -17,12 +15,12 @@ from safetensors.torch import save_file
 
 from cairn.config import ModelConfig
 from cairn.errors import ModelLoadError
+from cairn.fsutil import atomic_write, atomic_write_json
 from cairn.models.llama import TORCH_DTYPES, LlamaStage
 from cairn.types import LayerRange
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 
 
 def weight_map(model_dir: Path) -> dict[str, str]:
@@ -39,7 +37,7 @@ def weight_map(model_dir: Path) -> dict[str, str]:
             raise ModelLoadError(f"{model_dir} holds only pickle weights (.bin/.pt); cairn loads safetensors only")
         raise ModelLoadError(f"{single} is missing (and there is no {INDEX_FILE})")
     with _open(single) as f:
-        return {k: SINGLE_FILE for k in f.keys()}
+        return {k: SINGLE_FILE for k in f.keys()}  # noqa: SIM118 (a safe_open handle, not a dict)
 
 
 def _open(path: Path):
@@ -205,14 +203,14 @@ def save_checkpoint(
         if p.name not in names:
             p.unlink(missing_ok=True)
     for fname, shard in zip(names, shards):
-        _atomic(out_dir / fname, lambda tmp, shard=shard: save_file(shard, tmp, metadata=meta))
+        atomic_write(out_dir / fname, lambda tmp, shard=shard: save_file(shard, str(tmp), metadata=meta))
     if len(shards) > 1:
         index = {
             "metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
             "weight_map": {n: f for f, s in zip(names, shards) for n in s},
         }
-        _atomic(out_dir / INDEX_FILE, lambda tmp: Path(tmp).write_text(json.dumps(index, indent=2)))
-    write_json(out_dir / "config.json", cfg.to_hf_dict())
+        atomic_write_json(out_dir / INDEX_FILE, index)
+    atomic_write_json(out_dir / "config.json", cfg.to_hf_dict())
 
 
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
@@ -227,14 +225,4 @@ def copy_side_files(src: str | Path, dst: str | Path) -> None:
         return
     for name in SIDE_FILES:
         if (src / name).is_file():
-            shutil.copyfile(src / name, dst / name)
-
-
-def write_json(path: Path, obj: dict) -> None:
-    _atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n"))
-
-
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(str(tmp))
-    os.replace(tmp, path)
+            atomic_write(dst / name, lambda tmp, name=name: shutil.copyfile(src / name, tmp))

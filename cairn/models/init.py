@@ -10,7 +10,8 @@ import torch
 
 from cairn.config import SUPPORTED_ARCHS, ModelConfig
 from cairn.errors import UserError
-from cairn.models.checkpoint import save_checkpoint, write_json
+from cairn.fsutil import atomic_write_json
+from cairn.models.checkpoint import save_checkpoint
 from cairn.models.corpus import shipped_corpus
 from cairn.models.llama import TORCH_DTYPES, LlamaStage
 from cairn.models.tokenizer import EOS, IM_END, train_bpe, write_tokenizer_files
@@ -40,8 +41,9 @@ def shape_config(shape: str, arch: str = "llama", **overrides) -> ModelConfig:
     return replace(cfg, **overrides)
 
 
-def random_stage(cfg: ModelConfig, seed: int, init_std: float = 0.02) -> LlamaStage:
-    """A whole-model stage with N(0, init_std) weights, zero biases and unit norms."""
+def random_stage(cfg: ModelConfig, seed: int, init_std: float = 0.02, bias_std: float = 0.0) -> LlamaStage:
+    """A whole-model stage with N(0, init_std) weights, unit norms and zero biases (N(0, bias_std) when bias_std
+    is given: tests use that so a bias that is loaded wrongly changes the logits)."""
     gen = torch.Generator().manual_seed(seed)
     stage = LlamaStage(cfg, LayerRange(0, cfg.num_layers))
     with torch.no_grad():
@@ -49,7 +51,10 @@ def random_stage(cfg: ModelConfig, seed: int, init_std: float = 0.02) -> LlamaSt
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
             elif name.endswith(".bias"):
-                p.normal_(0.0, init_std, generator=gen)
+                if bias_std:
+                    p.normal_(0.0, bias_std, generator=gen)
+                else:
+                    p.zero_()
             else:
                 p.normal_(0.0, init_std, generator=gen)
     return stage.to(TORCH_DTYPES[cfg.dtype])
@@ -63,9 +68,11 @@ def init_model(
     corpus: list[str] | None = None,
     dtype: str = "float32",
     init_std: float = 0.02,
+    bias_std: float = 0.0,
     **overrides,
 ) -> ModelConfig:
-    """Write config.json, model.safetensors, tokenizer files and generation_config.json to out_dir."""
+    """Write config.json, model.safetensors, tokenizer files and generation_config.json to out_dir (weights as in
+    `random_stage`: biases zero unless bias_std is given)."""
     out_dir = Path(out_dir)
     if dtype not in TORCH_DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(TORCH_DTYPES)}", param="dtype")
@@ -75,8 +82,8 @@ def init_model(
         raise UserError(f"tokenizer has {tok.get_vocab_size()} tokens, more than the model's {cfg.vocab_size}")
     eos_ids = (tok.token_to_id(IM_END), tok.token_to_id(EOS))
     cfg = replace(cfg, bos_token_id=None, eos_token_ids=eos_ids)
-    stage = random_stage(cfg, seed, init_std)
+    stage = random_stage(cfg, seed, init_std, bias_std)
     save_checkpoint(stage, out_dir, metadata={"cairn_init": json.dumps({"shape": shape, "seed": seed})})
     write_tokenizer_files(tok, out_dir, cfg.max_position_embeddings)
-    write_json(out_dir / "generation_config.json", {"eos_token_id": list(eos_ids), "do_sample": False})
+    atomic_write_json(out_dir / "generation_config.json", {"eos_token_id": list(eos_ids), "do_sample": False})
     return cfg

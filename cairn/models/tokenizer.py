@@ -131,9 +131,6 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def id_to_token(self, i: int) -> str | None:
-        return self.tok.id_to_token(i)
-
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """Render the conversation with the checkpoint's jinja chat template."""
         if not self.chat_template:

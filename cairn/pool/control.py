@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cairn.errors import UserError
+from cairn.fsutil import atomic_write_text
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,7 @@ def device_args(device: str, memory: str | None) -> tuple[list[str], dict]:
     import torch
 
     from cairn.pool.devices import measure, parse_bytes
-    from cairn.pool.ray_backend import device_resources
+    from cairn.pool.service import device_resources
 
     m = measure(device)
     if memory is None:
@@ -120,9 +121,9 @@ def start(paths: PoolPaths, host: str, port: int, device: str | None, memory: st
     if paths.head.exists() and _alive(json.loads(paths.head.read_text())["pid"]):
         raise UserError(f"a pool head started from {paths.root} is already running; cairn pool stop first")
     token = secrets.token_hex(32)
-    paths.root.mkdir(parents=True, exist_ok=True)
-    paths.token.write_text(token + "\n")
-    paths.token.chmod(0o600)
+    paths.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    paths.root.chmod(0o700)  # also when it existed: it holds the token and the nodes' logs
+    atomic_write_text(paths.token, token + "\n", mode=0o600)
     args = ["--head", "--node-ip-address", host, "--port", str(port), "--disable-usage-stats",
             "--include-dashboard", "false", "--object-store-memory", str(object_store)]
     if num_cpus is not None:
@@ -189,28 +190,45 @@ def _alive(pid: int) -> bool:
 def connect(address: str, token: str | None) -> None:
     """Connect this process to the pool as a driver (token required: pools always run with token auth).
 
-    Ray reads its auth settings when it is imported, so they are set before the first `import ray`."""
+    Ray reads its auth settings from the environment when it is imported and connects; they are set for that
+    moment only, so this process's environment (and whatever it starts later) does not carry the token. Ray
+    fixes its auth mode at import: call this before anything else in the process imports ray."""
     if not token:
         raise UserError("connecting to a pool needs its token: --token T or $CAIRN_POOL_TOKEN")
-    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_NUM_REDIS_GET_RETRIES="4")
-    import ray
+    if "ray" in sys.modules:
+        from ray._raylet import AuthenticationMode, get_authentication_mode
 
-    if ray.is_initialized():
-        return
-    from cairn.pool.raycli import keep_loopback
-
-    keep_loopback(address.rsplit(":", 1)[0])
+        if get_authentication_mode() != AuthenticationMode.TOKEN:
+            raise RuntimeError("ray was imported before connect() without token auth; connect to the pool first")
+    settings = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_NUM_REDIS_GET_RETRIES": "4"}
+    saved = {k: os.environ.get(k) for k in settings}
+    os.environ.update(settings)
     try:
-        ray.init(address=address, namespace="cairn", log_to_driver=False, logging_level="error")
-    except (ConnectionError, ray.exceptions.RayError) as e:
-        raise UserError(f"cannot join the pool at {address} as a client: {str(e).splitlines()[0]} (wrong token?)") from None
+        import ray
+
+        if ray.is_initialized():
+            return
+        from cairn.pool.raycli import keep_loopback
+
+        keep_loopback(address.rsplit(":", 1)[0])
+        try:
+            ray.init(address=address, namespace="cairn", log_to_driver=False, logging_level="error")
+        except (ConnectionError, ray.exceptions.RayError) as e:
+            raise UserError(f"cannot join the pool at {address} as a client: {str(e).splitlines()[0]} "
+                            "(wrong token?)") from None
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def status() -> dict:
     """Every node and device of the connected pool, with what cairn runs on it."""
     import ray
 
-    from cairn.pool.ray_backend import RES_BANDWIDTH_MBS, RES_CUDA, RES_DEVICE, RES_MEMORY_MB, RES_MFLOPS, placements
+    from cairn.pool.service import RES_BANDWIDTH_MBS, RES_CUDA, RES_DEVICE, RES_MEMORY_MB, RES_MFLOPS, placements
 
     boards = placements()  # served models by name, training runs as "train:OUT_DIR"
     training = {k.removeprefix("train:"): v for k, v in boards.items() if k.startswith("train:")}

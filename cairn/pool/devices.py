@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from cairn.errors import UserError
+from cairn.models.device import torch_device
 
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -48,9 +49,7 @@ def _best(fn, repeat: int, sync) -> float:
 
 
 def measure(device: str = "cpu", size: int = 1024, buffer_bytes: int = 256 * 2**20) -> Measurement:
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {device!r} was asked for but CUDA is not available here", param="device")
+    dev = torch_device(device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     a = torch.randn(size, size, device=dev)
     b = torch.randn(size, size, device=dev)

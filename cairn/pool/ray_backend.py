@@ -1,16 +1,17 @@
-"""The pool on Ray: stage actors pinned to nodes, the PipelineRunner that drives them, and failover.
+"""Serving over the pool: stage actors pinned to nodes, the PipelineRunner that drives them, and failover.
 
-With ray_train.py (training workers), the only module that imports `ray`. Each pool node declares its one device through Ray custom resources
-(the device marker, its memory budget and measured speeds), so Ray's own node table is the registry; placement
-reads it, actors are pinned with node affinity, and a node that dies or leaves simply disappears from it.
+Placement reads the devices from the pool service (Ray's node table), actors are pinned with node affinity, and a
+node that dies or leaves simply disappears from it.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -22,56 +23,18 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from cairn.config import ModelConfig
 from cairn.engine.runner import Chunk, StageExecutor
-from cairn.engine.sampling import Choice, RowSampling, choose
+from cairn.engine.sampling import Choice, RowSampling, choose, decode_choices, encode_choices, target_logprobs
 from cairn.models.checkpoint import build_stage, load_stage, read_tensors, stage_tensor_names
-from cairn.models.llama import TORCH_DTYPES
-from cairn.pool import wire as wirefmt
-from cairn.pool.partition import DeviceSpec, ModelShape, Placement, PlacementError, partition
+from cairn.models.llama import TORCH_DTYPES, CausalContext
+from cairn.pool.partition import ModelShape, Placement, PlacementError, partition
+from cairn.pool.service import WORKER_ENV, PoolDevice, pool_devices, publish
+from cairn.quant import compress as wirefmt
 from cairn.types import LayerRange
 
 log = logging.getLogger("cairn.pool")
 
-RES_DEVICE = "cairn_device"  # 1 on every node that offers a device to cairn
-RES_MEMORY_MB = "cairn_memory_mb"  # memory budget
-RES_BANDWIDTH_MBS = "cairn_bandwidth_mbs"  # measured read bandwidth, MB/s
-RES_MFLOPS = "cairn_mflops"  # measured fp32 matmul throughput, MFLOP/s
-RES_CUDA = "cairn_cuda"  # 1 when the device is a GPU
-NAMESPACE = "cairn"
-# Stage processes: OpenMP threads sleep when idle instead of spinning, so a stage that has finished its part of a
-# step does not steal the cores of the next stage when several stages share a machine.
-STAGE_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 Want = Literal["tokens", "logits", "none"]
 """What the last stage sends back: chosen token ids (a step), logits (inspection), nothing (a replay)."""
-
-
-def device_resources(memory: int, bandwidth: float, flops: float, cuda: bool) -> dict[str, float]:
-    """Custom resources a joining node declares (Ray stores quantities with 4 decimals, so whole units)."""
-    res = {RES_DEVICE: 1, RES_MEMORY_MB: max(1, memory // 10**6), RES_BANDWIDTH_MBS: max(1, int(bandwidth / 1e6)),
-           RES_MFLOPS: max(1, int(flops / 1e6))}
-    if cuda:
-        res[RES_CUDA] = 1
-    return res
-
-
-@dataclass(frozen=True)
-class PoolDevice:
-    node_id: str
-    address: str
-    spec: DeviceSpec
-    cuda: bool
-
-
-def pool_devices(exclude: set[str] = frozenset()) -> list[PoolDevice]:
-    """Alive nodes that offer a device, from Ray's node table."""
-    out = []
-    for n in ray.nodes():
-        res = n.get("Resources", {})
-        if not n.get("Alive") or RES_DEVICE not in res or n["NodeID"] in exclude:
-            continue
-        spec = DeviceSpec(id=n["NodeID"][:12], memory=int(res[RES_MEMORY_MB]) * 10**6,
-                          bandwidth=float(res[RES_BANDWIDTH_MBS]) * 1e6, flops=float(res[RES_MFLOPS]) * 1e6)
-        out.append(PoolDevice(n["NodeID"], n.get("NodeManagerAddress", ""), spec, RES_CUDA in res))
-    return out
 
 
 @ray.remote(num_cpus=0, max_restarts=0)
@@ -103,8 +66,6 @@ class StageActor:
         return ray.get_runtime_context().get_node_id()
 
     def pid(self) -> int:
-        import os
-
         return os.getpid()
 
     def forward(self, chunks: list[Chunk], x, rows: list[RowSampling | None] | None, want: Want):
@@ -120,7 +81,7 @@ class StageActor:
             elif want == "none":
                 out = None
             else:
-                out = wirefmt.encode_choices(choose(out, rows))
+                out = encode_choices(choose(out, rows))
                 self.bytes_back += len(pickle.dumps(out))
             self.busy_s += time.perf_counter() - t0
             return out
@@ -131,46 +92,24 @@ class StageActor:
         # one call per step, and a dead successor surfaces as an error of this call.
         return ray.get(self.next.forward.remote(chunks, payload, rows, want))
 
+    @torch.inference_mode()
+    def score(self, tokens: list[int], x):
+        """A cache-free forward of one whole sequence (evaluation): this stage's part, then the next stage's; the
+        last stage returns each next token's logprob and whether it was the greedy choice, never the logits."""
+        stage = self.ex.stage
+        if stage.is_first:
+            x = torch.tensor([tokens], device=self.ex.device)  # (1, T)
+        else:
+            x = wirefmt.decode(x, self.ex.dtype).to(self.ex.device)[None]  # (1, T, D)
+        out = stage(x, CausalContext(stage.cfg, 1, len(tokens), self.ex.device))
+        if stage.is_last:
+            return target_logprobs(out[0], tokens)
+        payload = wirefmt.encode(out[0].cpu(), self.wire)  # (T, D)
+        self.bytes_out += wirefmt.nbytes(payload)
+        return ray.get(self.next.score.remote(tokens, payload))
+
     def stats(self) -> dict:
         return {"bytes_out": self.bytes_out, "bytes_back": self.bytes_back, "busy_s": self.busy_s}
-
-
-@ray.remote(num_cpus=0)
-class PlacementBoard:
-    """Which layers of which served model run on which node, for `cairn pool status`."""
-
-    def __init__(self):
-        self.boards: dict[str, list[dict]] = {}
-
-    def put(self, key: str, stages: list[dict]) -> None:
-        self.boards[key] = stages
-
-    def drop(self, key: str) -> None:
-        self.boards.pop(key, None)
-
-    def get(self) -> dict:
-        return dict(self.boards)
-
-
-def _board():
-    return PlacementBoard.options(name="cairn-placements", namespace=NAMESPACE, get_if_exists=True,
-                                  lifetime="detached").remote()
-
-
-def placements() -> dict[str, list[dict]]:
-    try:
-        return ray.get(_board().get.remote(), timeout=10)
-    except (RayError, GetTimeoutError):
-        return {}
-
-
-def publish(key: str, stages: list[dict] | None) -> None:
-    """Best effort: status display must never break serving."""
-    try:
-        board = _board()
-        ray.get(board.put.remote(key, stages) if stages is not None else board.drop.remote(key), timeout=10)
-    except (RayError, GetTimeoutError) as e:
-        log.warning("could not publish placement: %s", e)
 
 
 @dataclass
@@ -245,7 +184,7 @@ class PipelineRunner:
                 tensors = ray.put(read_tensors(self.model_dir, names))
             # one call per step in flight (each waits for its successors) + one for control calls (ready, stats)
             opts = dict(scheduling_strategy=NodeAffinitySchedulingStrategy(dev.node_id, soft=False),
-                        num_gpus=1 if dev.cuda else 0, runtime_env={"env_vars": STAGE_ENV},
+                        num_gpus=1 if dev.cuda else 0, runtime_env={"env_vars": WORKER_ENV},
                         max_concurrency=self.depth + 1)
             actors.append(StageActor.options(**opts).remote(
                 self.cfg.to_hf_dict(), st.layers.start, st.layers.end, tensors, self.model_dir,
@@ -276,20 +215,10 @@ class PipelineRunner:
     def collect(self, step: PipelineStep) -> list[Choice | None]:
         if not self.in_flight or step is not self.in_flight[0]:
             raise RuntimeError("pipeline steps must be collected in the order they were submitted")
-        failures = 0
-        while True:
-            try:
-                reply = self._wait(step.ref)
-                break
-            except (RayActorError, GetTimeoutError, RayError) as e:
-                failures += 1
-                if failures > self.max_recoveries:
-                    self.in_flight.clear()
-                    raise
-                self._recover(e)
+        reply = self._reliably(lambda: step.ref)
         self.in_flight.popleft()
         self._commit(step.chunks)
-        return wirefmt.decode_choices(reply)
+        return decode_choices(reply)
 
     def forward(self, chunks: list[Chunk]) -> torch.Tensor:
         """Logits of each chunk's last token, from the last stage (with failover; not while steps are in flight)."""
@@ -298,18 +227,28 @@ class PipelineRunner:
         if not self.actors:
             self._place_and_load()
             self._replay(exclude=self._uncommitted(chunks))
-        failures = 0
-        while True:
-            try:
-                out = self._wait(self._send(chunks, None, "logits"))
-                break
-            except (RayActorError, GetTimeoutError, RayError) as e:
-                failures += 1
-                if failures > self.max_recoveries:
-                    raise
-                self._recover(e, extra=chunks)
+        out = self._reliably(lambda: self._send(chunks, None, "logits"), extra=chunks)
         self._commit(chunks)
         return out
+
+    def score(self, tokens: list[int]) -> tuple[list[float], list[bool]]:
+        """Next-token logprobs and greedy flags of one sequence, through the stages without touching any cache."""
+        if not self.actors:
+            self._place_and_load()
+            self._replay(exclude=self._uncommitted([]))
+        return self._wait(self.actors[0].score.remote(tokens, None))
+
+    def _reliably(self, ref: Callable[[], object], extra: list[Chunk] = ()):
+        """Wait for the reply `ref()` names; when a stage fails, recover (resending what was in flight) and wait
+        again, at most max_recoveries times."""
+        for attempt in range(self.max_recoveries + 1):
+            try:
+                return self._wait(ref())
+            except (RayActorError, GetTimeoutError, RayError) as e:
+                if attempt == self.max_recoveries:
+                    self.in_flight.clear()
+                    raise
+                self._recover(e, extra)
 
     def _recover(self, error: Exception, extra: list[Chunk] = ()) -> None:
         """A stage failed: re-place over the surviving devices, replay histories, resend the steps in flight."""

@@ -1,85 +1,66 @@
-"""OpenAI-compatible HTTP API over one or more loaded models (LLM objects: local, or later pool-backed).
+"""OpenAI-compatible HTTP API over one or more loaded models (LLM objects: local, or pool-backed).
 
 Every error is OpenAI's shape {"error": {message, type, param, code}} with a 4xx status for the client's
 mistakes; nothing a client sends produces a traceback. A client that disconnects mid-stream cancels its
-request, which frees its KV slot at the next engine step."""
+request, which frees its KV slot at the next engine step. /openapi.json describes every request and response."""
 
 from __future__ import annotations
 
 import asyncio
 import hmac
 import json
+import logging
 import threading
 import time
-import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import replace
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
+from starlette.types import Scope
 
 from cairn.config import SamplingParams
 from cairn.engine.api import LLM, RequestHandle
-from cairn.engine.engine import Event, QueueFullError
-from cairn.errors import ContextLengthError, UserError
+from cairn.engine.engine import QueueFullError
+from cairn.errors import UserError
+from cairn.serve import responses as out
+from cairn.serve.errors import APIError, from_submit
 from cairn.serve.metrics import Metrics
-from cairn.serve.protocol import ChatCompletionRequest, CompletionRequest, error_body
+from cairn.serve.observe import Observe, request_info
+from cairn.serve.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+    error_body,
+    openapi_schemas,
+)
 
+log = logging.getLogger("cairn.serve")
 
-class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.type, self.param, self.code, self.headers = status, type_, param, code, headers
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(error_body(str(self), self.type, self.param, self.code), self.status, headers=self.headers)
+MAX_BODY_BYTES = 4 * 1024 * 1024
+"""Default limit on a request body (cairn serve --max-body-bytes)."""
 
 
 def create_app(models: dict[str, LLM] | None = None, *, loader: Callable[[], dict[str, LLM]] | None = None,
-               api_key: str | None = None) -> FastAPI:
+               api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     """An app serving `models` (name -> LLM), or the ones `loader` returns, loaded in the background while
-    /health answers 503."""
+    /health answers 503. Request bodies over `max_body_bytes` are refused with 413."""
     state = {"models": dict(models or {}), "ready": models is not None, "load_error": None}
     metrics = Metrics(lambda: {n: m.stats() for n, m in state["models"].items()})
-    app = FastAPI(title="cairn", version="0.1.0")
+    app = FastAPI(title="cairn", version="0.1.0", summary="OpenAI-compatible API over locally served models")
     app.state.cairn = state
-
+    app.add_middleware(Observe, metrics=metrics, route_of=lambda scope: _route_of(app, scope),
+                       max_body_bytes=max_body_bytes)
+    app.openapi = lambda: _openapi(app)
     if loader is not None:
-        def load():
-            try:
-                state["models"] = loader()
-                state["ready"] = True
-            except Exception as e:  # reported by /health and every request
-                state["load_error"] = f"{type(e).__name__}: {e}"
-
-        threading.Thread(target=load, name="cairn-load", daemon=True).start()
-
-    @app.exception_handler(APIError)
-    async def _api_error(_: Request, e: APIError):
-        return e.response()
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, e: StarletteHTTPException):
-        type_ = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        return JSONResponse(error_body(str(e.detail), type_), e.status_code)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, e: RequestValidationError):
-        return _bad_request(e.errors())
-
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, e: Exception):
-        return JSONResponse(error_body(f"internal error: {type(e).__name__}", "server_error"), 500)
-
-    @app.middleware("http")
-    async def _count(request: Request, call_next):
-        response = await call_next(request)
-        metrics.requests.labels(request.url.path, str(response.status_code)).inc()
-        return response
+        _load_in_background(state, loader)
+    _add_error_handlers(app)
 
     def authorize(request: Request) -> None:
         if api_key is None:
@@ -111,78 +92,160 @@ def create_app(models: dict[str, LLM] | None = None, *, loader: Callable[[], dic
     async def prometheus():
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", openapi_extra=_doc(None, "ModelList"))
     async def list_models(request: Request):
         authorize(request)
         now = int(time.time())
-        return {"object": "list", "data": [{"id": n, "object": "model", "created": now, "owned_by": "cairn"}
-                                           for n in state["models"]]}
+        return ModelList(data=[ModelCard(id=n, created=now) for n in state["models"]])
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=_doc("ChatCompletionRequest", "ChatCompletion",
+                                                          "ChatCompletionChunk"))
     async def chat_completions(request: Request):
+        info = request_info(request.scope)
         authorize(request)
         body = await _parse(request, ChatCompletionRequest)
+        info.model = body.model
         llm = model(body.model)
-        try:
-            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        except ValueError as e:
-            raise APIError(400, str(e), param="messages") from None
-        prompt = await asyncio.to_thread(llm.render_chat, messages)
+        if body.top_logprobs and not body.logprobs:
+            raise APIError(400, "top_logprobs: needs logprobs: true", param="top_logprobs")
+        prompt = await asyncio.to_thread(llm.render_chat, [m.for_template() for m in body.messages])
         params = _params(body, body.max_completion_tokens or body.max_tokens,
                          (body.top_logprobs or 0) if body.logprobs else None)
         handles = _submit(llm, [prompt], params, body.n, body.seed)
-        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        base = {"id": f"chatcmpl-{info.id}", "created": int(time.time()), "model": body.model}
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
-            return _sse(_chat_stream(llm, body.model, handles, rid, created, usage, metrics, body.n))
-        outs = await _gather(body.model, handles, metrics)
-        choices = []
-        for i, (h, evs) in enumerate(outs):
-            text, finish = "".join(e.text for e in evs), evs[-1].finish_reason
-            choice = {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
-                      "logprobs": None}
-            if body.logprobs:
-                choice["logprobs"] = {"content": [_chat_logprob(llm, e) for e in evs if e.logprob]}
-            choices.append(choice)
-        return {"id": rid, "object": "chat.completion", "created": created, "model": body.model,
-                "choices": choices, "usage": _usage(outs, body.n)}
+            return out.sse(out.chat_stream(llm, base, handles, info, metrics, usage, body.n), info)
+        outs = await out.gather(handles, info, metrics)
+        return _counted(info, out.chat_response(llm, base, handles, outs, body.logprobs, body.n))
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=_doc("CompletionRequest", "TextCompletion", "TextCompletion"))
     async def completions(request: Request):
+        info = request_info(request.scope)
         authorize(request)
         body = await _parse(request, CompletionRequest)
+        info.model = body.model
         llm = model(body.model)
-        prompts = body.prompt
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        if not prompts:
-            raise APIError(400, "prompt is empty", param="prompt")
-        ids = [llm.encode_prompt(p) for p in prompts]
-        params = _params(body, body.max_tokens if body.max_tokens is not None else 16, body.logprobs)
-        handles = _submit(llm, ids, params, body.n, body.seed)
-        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        echo = [llm.tokenizer.decode(p) if body.echo else "" for p in ids for _ in range(body.n)]
+        prompts = _prompt_list(body.prompt)
+        ids = await asyncio.to_thread(lambda: [llm.encode_prompt(x) for x in prompts])
+        group = _best_of(body)
+        logprobs = body.logprobs if group == body.n else (body.logprobs or 0)  # best_of ranks by logprob
+        params = _params(body, 16 if body.max_tokens is None else body.max_tokens, logprobs)
+        echoes = await _echoes(llm, prompts, ids, body)
+        handles = _submit(llm, ids, params, group, body.seed)
+        base = {"id": f"cmpl-{info.id}", "created": int(time.time()), "model": body.model}
+        want_lp = body.logprobs is not None
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
-            return _sse(_completion_stream(llm, body.model, handles, rid, created, usage, echo, metrics, body.n))
-        outs = await _gather(body.model, handles, metrics)
-        choices = []
-        for i, (h, evs) in enumerate(outs):
-            text = echo[i] + "".join(e.text for e in evs)
-            lp = _completion_logprobs(llm, evs, len(echo[i])) if body.logprobs is not None else None
-            choices.append({"index": i, "text": text, "finish_reason": evs[-1].finish_reason, "logprobs": lp})
-        return {"id": rid, "object": "text_completion", "created": created, "model": body.model,
-                "choices": choices, "usage": _usage(outs, body.n)}
+            return out.sse(out.completion_stream(llm, base, handles, info, metrics, usage, echoes, want_lp, body.n),
+                           info)
+        outs = await out.gather(handles, info, metrics)
+        return _counted(info, out.completion_response(llm, base, handles, outs, echoes, want_lp, body.n, group))
 
     return app
 
 
-def _bad_request(errors: list) -> JSONResponse:
+def _load_in_background(state: dict, loader: Callable[[], dict[str, LLM]]) -> None:
+    def load():
+        try:
+            state["models"] = loader()
+            state["ready"] = True
+        except UserError as e:  # reported by /health and every request
+            log.error("loading the models failed: %s", e)
+            state["load_error"] = f"{type(e).__name__}: {e}"
+        except Exception as e:
+            log.exception("loading the models failed")
+            state["load_error"] = f"{type(e).__name__}: {e}"
+
+    threading.Thread(target=load, name="cairn-load", daemon=True).start()
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error in OpenAI's shape. Unexpected exceptions are turned into a logged 500 by Observe."""
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, e: APIError):
+        return e.response()
+
+    @app.exception_handler(UserError)
+    async def _user_error(_: Request, e: UserError):
+        return from_submit(e).response()
+
+    @app.exception_handler(QueueFullError)
+    async def _queue_full(_: Request, e: QueueFullError):
+        return from_submit(e).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, e: StarletteHTTPException):
+        type_ = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return JSONResponse(error_body(str(e.detail), type_), e.status_code, headers=e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, e: RequestValidationError):
+        return _validation_error(e.errors()).response()
+
+
+def _route_of(app: FastAPI, scope: Scope) -> str:
+    """The request's route template, or "other": the metrics label must not take values a client chooses."""
+    for route in app.router.routes:
+        match, _ = route.matches(scope)
+        if match != Match.NONE:
+            return route.path
+    return "other"
+
+
+def _doc(request_schema: str | None, response_schema: str, stream_schema: str | None = None) -> dict:
+    """An operation's request body and responses for /openapi.json (the routes read the body themselves, so
+    that every failure is a 400 in OpenAI's shape, never FastAPI's 422)."""
+    def ref(name):
+        return {"schema": {"$ref": f"#/components/schemas/{name}"}}
+
+    ok = {"application/json": ref(response_schema)}
+    if stream_schema:
+        ok["text/event-stream"] = ref(stream_schema)
+    errors = {"400": "invalid request (the param names the field)", "401": "missing or wrong API key",
+              "404": "no such model", "413": "request body too large", "429": "too many requests waiting",
+              "500": "internal error", "503": "models loading, or capacity lost"}
+    doc = {"responses": {"200": {"description": "OK (with stream: true, server-sent events of chunks)", "content": ok},
+                         **{k: {"description": v, "content": {"application/json": ref("ErrorResponse")}}
+                            for k, v in errors.items()}}}
+    if request_schema:
+        doc["requestBody"] = {"required": True, "content": {"application/json": ref(request_schema)}}
+    return doc
+
+
+def _openapi(app: FastAPI) -> dict:
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+        schema.setdefault("components", {}).setdefault("schemas", {}).update(openapi_schemas())
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none", "literal"}
+
+
+def _param(loc) -> str | None:
+    """A pydantic error location as OpenAI names a param: messages[0].content (union member tags dropped)."""
+    parts = []
+    for x in loc:
+        if isinstance(x, int):
+            parts.append(f"[{x}]")
+        elif x in _TYPE_TAGS or "[" in x or "-" in x:  # which member of a union failed: not a field
+            break
+        else:
+            parts.append(("." if parts else "") + x)
+    return "".join(parts) or None
+
+
+def _validation_error(errors: list) -> APIError:
     first = errors[0] if errors else {}
-    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    loc = [x for x in first.get("loc", ()) if x != "body"]
+    param = _param(loc)
     msg = first.get("msg", "invalid request")
-    param = ".".join(loc) or None
-    return JSONResponse(error_body(f"{param + ': ' if param else ''}{msg}", param=param), 400)
+    if param == "prompt" and len(loc) > 1:
+        msg = "must be a string, a list of strings, a list of token ids or a list of token-id lists"
+    return APIError(400, f"{param}: {msg}" if param else msg, param=param)
 
 
 async def _parse(request: Request, schema):
@@ -196,10 +259,7 @@ async def _parse(request: Request, schema):
     try:
         return schema.model_validate(data)
     except ValidationError as e:
-        errs = e.errors(include_url=False)
-        first = errs[0]
-        param = ".".join(str(x) for x in first["loc"]) or None
-        raise APIError(400, f"{param}: {first['msg']}" if param else first["msg"], param=param) from None
+        raise _validation_error(e.errors(include_url=False)) from None
 
 
 def _params(body, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
@@ -221,12 +281,49 @@ def _params(body, max_tokens: int | None, logprobs: int | None) -> SamplingParam
             stop=stop,
             ignore_eos=body.ignore_eos,
             logprobs=logprobs,
+            logit_bias=tuple((int(t), float(b)) for t, b in (body.logit_bias or {}).items()),
         )
     except UserError as e:
         raise APIError(400, str(e), param=e.param) from None
 
 
+def _prompt_list(prompt) -> list[str | list[int]]:
+    """The prompts of a completions request: a string, a list of token ids, or a list of either."""
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+        return [prompt]
+    if not prompt:
+        raise APIError(400, "prompt: is empty", param="prompt")
+    return list(prompt)
+
+
+def _best_of(body: CompletionRequest) -> int:
+    """How many to generate per prompt: n, or best_of (of which the best n are returned)."""
+    if body.best_of is None or body.best_of == body.n:
+        return body.n
+    if body.best_of < body.n:
+        raise APIError(400, f"best_of: must be at least n ({body.n}), got {body.best_of}", param="best_of")
+    if body.stream:
+        raise APIError(400, "best_of: cannot be larger than n when streaming (the best are known only at the end)",
+                       param="best_of")
+    return body.best_of
+
+
+async def _echoes(llm: LLM, prompts, ids: list[list[int]], body: CompletionRequest) -> list[tuple[str, list]]:
+    """Per prompt: the text echoed before its completions, and (with logprobs) its tokens' (id, logprob) entries."""
+    if not body.echo:
+        return [("", [])] * len(prompts)
+    result = []
+    for prompt, tokens in zip(prompts, ids):
+        text = prompt if isinstance(prompt, str) else llm.tokenizer.decode(tokens, skip_special_tokens=False)
+        entries = []
+        if body.logprobs is not None:
+            entries = list(zip(tokens, await asyncio.to_thread(llm.prompt_logprobs, tokens, body.logprobs)))
+        result.append((text, entries))
+    return result
+
+
 def _submit(llm: LLM, prompts: list[list[int]], params: SamplingParams, n: int, seed: int | None) -> list[RequestHandle]:
+    """n requests per prompt, prompt-major; choice i of a prompt draws with seed + i. All or none are queued."""
     handles: list[RequestHandle] = []
     try:
         for ids in prompts:
@@ -236,161 +333,10 @@ def _submit(llm: LLM, prompts: list[list[int]], params: SamplingParams, n: int, 
     except (UserError, QueueFullError) as e:
         for h in handles:
             h.cancel()
-        if isinstance(e, QueueFullError):
-            raise APIError(429, str(e), "rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) from None
-        code = "context_length_exceeded" if isinstance(e, ContextLengthError) else e.code
-        raise APIError(400, str(e), param=e.param, code=code) from None
+        raise from_submit(e) from None
     return handles
 
 
-async def _events(name: str, h: RequestHandle, metrics: Metrics) -> AsyncIterator[Event]:
-    """A handle's events, observing time to first token and inter-token latency."""
-    metrics.prompt_tokens.labels(name).inc(h.prompt_tokens)
-    last = None
-    async for ev in h:
-        if ev.token_id is not None:
-            now = time.perf_counter()
-            if last is None:
-                metrics.ttft.labels(name).observe(now - h.started)
-            else:
-                metrics.itl.labels(name).observe(now - last)
-            last = now
-            metrics.generation_tokens.labels(name).inc()
-        if ev.error:
-            if ev.error_status == 503:
-                raise APIError(503, ev.error, "server_error", code="insufficient_capacity", headers={"Retry-After": "5"})
-            raise APIError(500, f"generation failed: {ev.error}", "server_error")
-        yield ev
-
-
-async def _gather(name, handles, metrics) -> list[tuple[RequestHandle, list[Event]]]:
-    async def one(h):
-        return h, [ev async for ev in _events(name, h, metrics)]
-
-    try:
-        return await asyncio.gather(*(one(h) for h in handles))
-    finally:
-        for h in handles:
-            h.cancel()
-
-
-async def _merged(name, handles, metrics) -> AsyncIterator[tuple[int, Event]]:
-    """Events of several handles as they come, tagged with the choice index."""
-    if len(handles) == 1:
-        async for ev in _events(name, handles[0], metrics):
-            yield 0, ev
-        return
-    q: asyncio.Queue = asyncio.Queue()
-
-    async def pump(i, h):
-        try:
-            async for ev in _events(name, h, metrics):
-                await q.put((i, ev))
-        except APIError as e:
-            await q.put((i, e))
-
-    tasks = [asyncio.create_task(pump(i, h)) for i, h in enumerate(handles)]
-    try:
-        done = 0
-        while done < len(handles):
-            i, ev = await q.get()
-            if isinstance(ev, APIError):
-                raise ev
-            done += ev.finish_reason is not None
-            yield i, ev
-    finally:
-        for t in tasks:
-            t.cancel()
-
-
-def _sse(gen: AsyncIterator[dict]) -> StreamingResponse:
-    async def body():
-        try:
-            async for obj in gen:
-                yield f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-        except APIError as e:
-            yield f"data: {json.dumps(error_body(str(e), e.type, e.param, e.code))}\n\n"
-        yield "data: [DONE]\n\n"
-
-    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
-
-async def _stream(name, handles, base, opening, choice, include_usage, metrics, n):
-    """SSE chunks: the opening ones, then one per event that carries text, logprobs or a finish, then usage."""
-    counts = [0] * len(handles)
-    try:
-        for chunk in opening:
-            yield {**base, "choices": [chunk]}
-        async for i, ev in _merged(name, handles, metrics):
-            counts[i] += ev.token_id is not None
-            if ev.text or ev.finish_reason is not None or ev.logprob:
-                yield {**base, "choices": [choice(i, ev)]}
-        if include_usage:
-            yield {**base, "choices": [], "usage": _usage_counts(handles, counts, n)}
-    finally:
-        for h in handles:
-            h.cancel()
-
-
-def _chat_stream(llm, name, handles, rid, created, include_usage, metrics, n):
-    base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": name}
-    opening = [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None, "logprobs": None}
-               for i in range(len(handles))]
-
-    def choice(i, ev):
-        lp = {"content": [_chat_logprob(llm, ev)]} if ev.logprob else None
-        delta = {"content": ev.text} if ev.text else {}
-        return {"index": i, "delta": delta, "finish_reason": ev.finish_reason, "logprobs": lp}
-
-    return _stream(name, handles, base, opening, choice, include_usage, metrics, n)
-
-
-def _completion_stream(llm, name, handles, rid, created, include_usage, echo, metrics, n):
-    base = {"id": rid, "object": "text_completion", "created": created, "model": name}
-    opening = [{"index": i, "text": text, "finish_reason": None, "logprobs": None}
-               for i, text in enumerate(echo) if text]
-
-    def choice(i, ev):
-        lp = _completion_logprobs(llm, [ev], 0) if ev.logprob else None
-        return {"index": i, "text": ev.text, "finish_reason": ev.finish_reason, "logprobs": lp}
-
-    return _stream(name, handles, base, opening, choice, include_usage, metrics, n)
-
-
-def _token_text(llm: LLM, token_id: int) -> str:
-    return llm.tokenizer.decode([token_id], skip_special_tokens=False)
-
-
-def _chat_logprob(llm: LLM, ev: Event) -> dict:
-    lp = ev.logprob
-
-    def entry(tid, value):
-        text = _token_text(llm, tid)
-        return {"token": text, "logprob": value, "bytes": list(text.encode("utf-8"))}
-
-    return {**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
-
-
-def _completion_logprobs(llm: LLM, events: list[Event], offset: int) -> dict:
-    tokens, lps, tops, offsets = [], [], [], []
-    for ev in events:
-        if not ev.logprob:
-            continue
-        text = _token_text(llm, ev.logprob.token_id)
-        tokens.append(text)
-        lps.append(ev.logprob.logprob)
-        tops.append({_token_text(llm, t): v for t, v in ev.logprob.top})
-        offsets.append(offset)
-        offset += len(text)
-    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
-
-
-def _usage(outs, n: int) -> dict:
-    return _usage_counts([h for h, _ in outs], [sum(e.token_id is not None for e in evs) for _, evs in outs], n)
-
-
-def _usage_counts(handles, counts, n: int) -> dict:
-    """Prompt tokens count once per prompt (not per each of its n choices), as OpenAI reports them."""
-    prompt = sum(h.prompt_tokens for h in handles[::n])
-    completion = sum(counts)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+def _counted(info, response):
+    info.prompt_tokens, info.completion_tokens = response.usage.prompt_tokens, response.usage.completion_tokens
+    return response

@@ -8,7 +8,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 class Metrics:
     def __init__(self, stats_by_model):
         self.registry = r = CollectorRegistry()
-        self.requests = Counter("cairn_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=r)
+        self.requests = Counter("cairn_requests", "HTTP requests by route template ('other' for unknown paths) and status",
+                                ["endpoint", "status"], registry=r)
         self.prompt_tokens = Counter("cairn_prompt_tokens", "Prompt tokens processed", ["model"], registry=r)
         self.generation_tokens = Counter("cairn_generation_tokens", "Tokens generated", ["model"], registry=r)
         self.ttft = Histogram("cairn_time_to_first_token_seconds", "Time from request to first token", ["model"],

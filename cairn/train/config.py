@@ -1,25 +1,34 @@
-"""TrainConfig: one frozen dataclass read from YAML and/or CLI flags. No torch import here."""
+"""TrainConfig: one frozen dataclass read from YAML and/or CLI flags, its types checked by pydantic (user input
+arrives here). No torch import here."""
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, fields
+import math
+import os
+import types
+import typing
+from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+import pydantic
+from pydantic import ConfigDict
 
 from cairn.errors import UserError
 
-RECIPES = ("pretrain", "sft", "dpo")
 # the keys a config file may also group under `distributed:` (training across the pool)
 DISTRIBUTED = ("pool", "workers", "sync", "inner_steps", "outer_lr", "outer_momentum", "round_slack", "delta_dtype")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-@dataclass(frozen=True)
+@pydantic.dataclasses.dataclass(frozen=True, config=ConfigDict(strict=True, allow_inf_nan=False))
 class TrainConfig:
-    """Everything a training run needs; the YAML keys are these field names."""
+    """Everything a training run needs; the YAML keys are these field names. Each value must have its field's type
+    (strict: no 1.5 for an int, no 5 for a path; an int is a valid float); `build` turns a wrong one into a one-line
+    UserError naming key, value and what was expected."""
 
-    recipe: str
+    recipe: Literal["pretrain", "sft", "dpo"]
     """'pretrain' (raw text, packed), 'sft' (chat / alpaca JSONL, loss on assistant tokens) or 'dpo' (comparisons)."""
     model: str
     """Starting checkpoint (HF layout): a fresh `cairn init-model` or a trained model."""
@@ -43,7 +52,7 @@ class TrainConfig:
     """Passes over the training set when max_steps is 0."""
     lr: float = 3e-4
     """Peak learning rate."""
-    schedule: str = "cosine"
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
     """'cosine', 'linear' or 'constant' after warmup."""
     warmup_steps: int = 0
     """Linear warmup from 0 to lr."""
@@ -55,7 +64,7 @@ class TrainConfig:
     """AdamW betas."""
     clip_grad: float = 1.0
     """Clip the global gradient norm to this (0 disables)."""
-    precision: str = "auto"
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
     """'auto' (bf16 autocast on CUDA that supports it, else fp32), 'bf16' or 'fp32'."""
     device: str = "cpu"
     """cpu, cuda or cuda:N."""
@@ -85,7 +94,7 @@ class TrainConfig:
     """Also write the merged full checkpoint to out/ (the adapter always goes to out/adapter)."""
     dpo_beta: float = 0.1
     """DPO temperature on the log-ratio margin."""
-    too_long: str = "truncate"
+    too_long: Literal["truncate", "refuse"] = "truncate"
     """Sequences longer than seq_len: 'truncate' (with a warning) or 'refuse'."""
     skip_bad_lines: bool = False
     """Skip malformed JSONL lines (counted) instead of stopping."""
@@ -95,7 +104,7 @@ class TrainConfig:
     """Address of the pool to train on (`cairn pool start` prints it); with workers."""
     workers: int = 0
     """Pool devices to train on (needs pool); 0 trains in this process."""
-    sync: str = "diloco"
+    sync: Literal["diloco", "every-step"] = "diloco"
     """With workers: 'diloco' (H local steps, then one averaged update) or 'every-step' (synchronous DP)."""
     inner_steps: int = 100
     """DiLoCo H: inner AdamW steps per worker between outer updates (max_steps counts inner steps)."""
@@ -106,7 +115,7 @@ class TrainConfig:
     round_slack: float = 1.05
     """DiLoCo: when the first worker has taken its H steps, the others may go on for (its time) x (this - 1),
     then stop where they are, with fewer steps; a slower device never holds the round. 0: everyone takes H."""
-    delta_dtype: str = "fp32"
+    delta_dtype: Literal["fp32", "bf16", "int8"] = "fp32"
     """How pseudo-gradients go up and (DiLoCo) the global weights' change comes down: fp32, bf16 or int8 (per-row
     scales)."""
 
@@ -114,10 +123,8 @@ class TrainConfig:
         def bad(field: str, why: str):
             raise UserError(f"{field}: {why}", param=field)
 
-        if self.recipe not in RECIPES:
-            bad("recipe", f"must be one of {', '.join(RECIPES)}, got {self.recipe!r}")
         if not self.data:
-            bad("data", "give at least one training file")
+            bad("data", "give at least one training file, got none")
         for name in ("seq_len", "batch_size", "grad_accum", "keep_checkpoints", "log_every"):
             if getattr(self, name) < 1:
                 bad(name, f"must be at least 1, got {getattr(self, name)}")
@@ -131,25 +138,31 @@ class TrainConfig:
             bad("epochs", "must be positive when max_steps is 0")
         if self.lr <= 0:
             bad("lr", f"must be positive, got {self.lr}")
-        if self.schedule not in ("cosine", "linear", "constant"):
-            bad("schedule", f"must be cosine, linear or constant, got {self.schedule!r}")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            bad("precision", f"must be auto, bf16 or fp32, got {self.precision!r}")
-        if self.too_long not in ("truncate", "refuse"):
-            bad("too_long", f"must be truncate or refuse, got {self.too_long!r}")
         unknown = [t for t in self.lora_targets if t not in LORA_TARGETS]
         if unknown:
             bad("lora_targets", f"unknown module {unknown[0]!r}; choose from {', '.join(LORA_TARGETS)}")
         if self.lora_rank and not self.lora_targets:
             bad("lora_targets", "LoRA needs at least one target module")
-        if self.sync not in ("diloco", "every-step"):
-            bad("sync", f"must be diloco or every-step, got {self.sync!r}")
-        if self.delta_dtype not in ("fp32", "bf16", "int8"):
-            bad("delta_dtype", f"must be fp32, bf16 or int8, got {self.delta_dtype!r}")
-        if self.pool is not None and (not isinstance(self.pool, str) or ":" not in self.pool):
+        if self.pool is not None and ":" not in self.pool:
             bad("pool", f"must be the pool's HOST:PORT address, got {self.pool!r}")
-        if self.workers < 0 or self.inner_steps < 1:
-            bad("workers" if self.workers < 0 else "inner_steps", "must be positive")
+        if self.workers < 0:
+            bad("workers", f"must not be negative, got {self.workers}")
+        if self.inner_steps < 1:
+            bad("inner_steps", f"must be at least 1, got {self.inner_steps}")
+        if self.threads is not None and self.threads < 1:
+            bad("threads", f"must be at least 1, got {self.threads}")
+        if not all(0 <= b < 1 for b in self.adam_betas):
+            bad("adam_betas", f"must be two numbers in [0, 1), got {list(self.adam_betas)}")
+        for name in ("lora_alpha", "outer_lr"):
+            if getattr(self, name) <= 0:
+                bad(name, f"must be positive, got {getattr(self, name)}")
+        for name in ("min_lr_ratio", "outer_momentum"):
+            if not 0 <= getattr(self, name) <= 1:
+                bad(name, f"must be in [0, 1], got {getattr(self, name)}")
+        if self.round_slack != 0 and self.round_slack < 1:
+            bad("round_slack", f"must be 0 (off) or at least 1, got {self.round_slack}")
+        if self.lora_dropout >= 1:
+            bad("lora_dropout", f"must be below 1, got {self.lora_dropout}")
         if self.dpo_beta <= 0:
             bad("dpo_beta", f"must be positive, got {self.dpo_beta}")
 
@@ -166,27 +179,65 @@ class TrainConfig:
             values.update(_distributed(values.pop("distributed", None), values))
         values.update({k: v for k, v in overrides.items() if v is not None})
         names = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(values) - set(names))
+        unknown = sorted(set(values) - set(names), key=str)
         if unknown:
-            raise UserError(f"unknown training option {unknown[0]!r} (known: {', '.join(names)})", param=unknown[0])
+            raise UserError(f"unknown training option {unknown[0]!r} (known: {', '.join(names)})",
+                            param=str(unknown[0]))
         for key in ("recipe", "model", "data", "out"):
             if key not in values:
                 raise UserError(f"{key} is required (in the config file or as --{key.replace('_', '-')})", param=key)
-        for key in ("data", "eval_data", "lora_targets", "adam_betas"):
-            if key in values:
-                v = values[key]
-                values[key] = tuple(v) if isinstance(v, (list, tuple)) else (v,)
-        values["adam_betas"] = tuple(float(b) for b in values.get("adam_betas", (0.9, 0.95)))
+        given = dict(values)
+        hints = typing.get_type_hints(cls)
         for key, v in values.items():
-            want = names[key].type
-            if want in ("int", "float") and not isinstance(v, (int, float)) or isinstance(v, bool) and want != "bool":
-                raise UserError(f"{key}: expected a number, got {v!r}", param=key)
-            if want == "float":
-                values[key] = float(v)
-        return cls(**values)
+            want = hints[key]
+            if key in ("model", "out", "data", "eval_data"):  # from Python, a Path is as good as a str
+                v = values[key] = [_fspath(x) for x in v] if isinstance(v, (list, tuple)) else _fspath(v)
+            if typing.get_origin(want) is tuple and isinstance(v, list):
+                values[key] = tuple(v)
+            elif key in ("data", "eval_data", "lora_targets") and isinstance(v, str):
+                values[key] = (v,)  # one file (or module) may be given without a list
+            elif want is float and isinstance(v, str):
+                values[key] = _yaml_number(v)
+        try:
+            return cls(**values)
+        except pydantic.ValidationError as e:
+            key = str(e.errors()[0]["loc"][0])
+            shown = repr(given[key])
+            shown = shown if len(shown) <= 80 else shown[:77] + "..."
+            raise UserError(f"{key}: expected {_expected(key, hints[key])}, got {shown}", param=key) from None
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+def _fspath(v: Any) -> Any:
+    return os.fspath(v) if isinstance(v, os.PathLike) else v
+
+
+def _yaml_number(text: str) -> float | str:
+    """YAML 1.1 (PyYAML) reads `1e-3` (no dot) as a string: such a string is the number it spells; any other
+    string stays a string, for validation to refuse."""
+    try:
+        x = float(text)
+    except ValueError:
+        return text
+    return x if math.isfinite(x) else text
+
+
+def _expected(key: str, want: Any) -> str:
+    """What a field accepts, in words (for the one-line error)."""
+    if key == "pool":
+        return "the pool's HOST:PORT address"
+    if key == "adam_betas":
+        return "two numbers [beta1, beta2]"
+    origin, args = typing.get_origin(want), typing.get_args(want)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _expected(key, a) for a in args)
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, args))
+    if origin is tuple:
+        return f"a list of {_expected(key, args[0]).removeprefix('a ')}s"
+    return {str: "a string", int: "a whole number", float: "a finite number", bool: "true or false"}[want]
 
 
 def _distributed(section: Any, top: dict[str, Any]) -> dict[str, Any]:
@@ -194,7 +245,8 @@ def _distributed(section: Any, top: dict[str, Any]) -> dict[str, Any]:
     if section is None:
         return {}
     if not isinstance(section, dict):
-        raise UserError(f"distributed: must be a mapping of {', '.join(DISTRIBUTED)}", param="distributed")
+        raise UserError(f"distributed: must be a mapping of {', '.join(DISTRIBUTED)}, got {section!r}",
+                        param="distributed")
     for key in section:
         if key not in DISTRIBUTED:
             raise UserError(f"unknown distributed option {key!r} (known: {', '.join(DISTRIBUTED)})", param=key)
@@ -206,10 +258,23 @@ def _distributed(section: Any, top: dict[str, Any]) -> dict[str, Any]:
 def _read_yaml(path: Path) -> dict[str, Any]:
     import yaml
 
+    class Loader(yaml.SafeLoader):
+        """SafeLoader that refuses a key given twice in one mapping (PyYAML silently keeps the last)."""
+
+    def mapping(loader, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise UserError(f"{path}:{key_node.start_mark.line + 1}: {key!r} is given twice", param=str(key))
+            seen.add(key)
+        return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
     if not path.is_file():
         raise UserError(f"config file {path} does not exist")
     try:
-        values = yaml.safe_load(path.read_text())
+        values = yaml.load(path.read_text(), Loader=Loader)  # a SafeLoader: no arbitrary objects
     except yaml.YAMLError as e:
         raise UserError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if values is None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from cairn.pool import wire
+from cairn.quant import compress as cq
 
 Delta = dict[str, torch.Tensor]
 
@@ -24,18 +24,17 @@ def pseudo_gradient(start: Delta, end: Delta) -> Delta:
     return {k: (start[k].float() - end[k].float()) for k in start}
 
 
-def compress(delta: Delta, dtype: wire.WireDType) -> dict:
+def compress(delta: Delta, dtype: cq.WireDType) -> dict:
     """What a worker sends: fp32, bf16, or int8 with one fp32 scale per row (vectors are one row)."""
-    return {k: wire.encode(v.reshape(-1, v.shape[-1]) if v.ndim > 1 else v.reshape(1, -1), dtype)
-            for k, v in delta.items()}
+    return {k: cq.encode_rows(v, dtype) for k, v in delta.items()}
 
 
 def decompress(payload: dict, shapes: dict[str, torch.Size]) -> Delta:
-    return {k: wire.decode(p, torch.float32).reshape(shapes[k]) for k, p in payload.items()}
+    return {k: cq.decode(p, torch.float32).reshape(shapes[k]) for k, p in payload.items()}
 
 
 def payload_bytes(payload: dict) -> int:
-    return sum(wire.nbytes(p) for p in payload.values())
+    return sum(cq.nbytes(p) for p in payload.values())
 
 
 def weighted_average(deltas: list[Delta], weights: list[float]) -> Delta:
@@ -55,7 +54,7 @@ def weighted_average(deltas: list[Delta], weights: list[float]) -> Delta:
 def apply_update(held: Delta, payload: dict) -> Delta:
     """The global weights a receiver holding `held` (fp32) has after `payload`: held + decoded payload. The driver
     computes its own copy with this same function, so both sides agree bit for bit."""
-    return {k: held[k] + wire.decode(p, torch.float32).reshape(held[k].shape) for k, p in payload.items()}
+    return {k: held[k] + cq.decode(p, torch.float32).reshape(held[k].shape) for k, p in payload.items()}
 
 
 @dataclass
@@ -64,7 +63,7 @@ class Broadcast:
     of one round's change is added to the next one's, so the weights workers hold never drift from the exact
     outer-optimizer trajectory by more than one round's rounding."""
 
-    dtype: wire.WireDType
+    dtype: cq.WireDType
     residual: Delta = field(default_factory=dict)
 
     def step(self, held: Delta, new: Delta) -> tuple[dict, Delta]:

@@ -7,7 +7,6 @@ takes exactly the steps an uninterrupted run would: same batches, same learning 
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
 from collections.abc import Callable
@@ -18,13 +17,15 @@ import torch
 
 from cairn.config import ModelConfig
 from cairn.errors import UserError
-from cairn.models.checkpoint import build_stage, copy_side_files, load_stage, save_checkpoint, write_json
+from cairn.models.checkpoint import build_stage, copy_side_files, load_stage, save_checkpoint
+from cairn.models.device import torch_device
 from cairn.models.llama import TORCH_DTYPES, full_forward
 from cairn.models.tokenizer import Tokenizer
-from cairn.train import lora, state
+from cairn.train import lora
 from cairn.train.config import TrainConfig
 from cairn.train.data import Batch, Datasets, batches_per_epoch, build_datasets, collate, micro_batch_indices
 from cairn.train.losses import dpo_terms, lm_loss_sum, sequence_logprobs
+from cairn.train.rundir import RunDir
 from cairn.types import LayerRange
 
 
@@ -52,16 +53,6 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return None
 
 
-def _device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device {name!r} (use cpu, cuda or cuda:N)", param="device") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("device cuda was asked for but this machine has no usable CUDA device", param="device")
-    return device
-
-
 class Trainer:
     """Model, optimizer and schedule of one run; `step(i)` takes optimizer step i on its micro-batches."""
 
@@ -69,7 +60,7 @@ class Trainer:
                  tensors: dict[str, torch.Tensor] | None = None):
         """`tensors` (HF names) replace reading cfg.model from disk: how pool workers get the weights."""
         self.cfg, self.model_cfg, self.data, self.total = cfg, model_cfg, data, total_steps
-        self.device = _device(cfg.device)
+        self.device = torch_device(cfg.device)
         self.autocast = resolve_precision(cfg.precision, self.device)
         torch.manual_seed(cfg.seed)
         if tensors is None:
@@ -264,7 +255,7 @@ def prepare(cfg: TrainConfig) -> tuple[TrainConfig, ModelConfig, Tokenizer, Data
                         f"{model_cfg.vocab_size} rows; they must come from the same checkpoint")
     if cfg.seq_len > model_cfg.max_position_embeddings:
         cfg = replace(cfg, seq_len=model_cfg.max_position_embeddings)
-    _device(cfg.device)
+    torch_device(cfg.device)
     data = build_datasets(cfg, tok, model_cfg.eos_token_ids)
     per_epoch = batches_per_epoch(len(data.train), cfg.batch_size)
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accum))
@@ -279,27 +270,14 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None,
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     cfg, model_cfg, _, data, total = prepare(cfg)
-    out = Path(cfg.out)
-    ckpts = out / "checkpoints"
-    latest = state.latest(ckpts)
-    if latest is not None and not cfg.resume:
-        raise UserError(f"{out} already holds checkpoints of a run; pass --resume to continue it or choose "
-                        "another --out")
+    run = RunDir(cfg, log)
+    latest = run.resume_point()
     for w in data.stats.warnings:
         log(f"warning: {w}")
     trainer = Trainer(cfg, model_cfg, data, total)
-    metrics_path = out / "metrics.jsonl"
-    out.mkdir(parents=True, exist_ok=True)
-    if cfg.resume and latest is not None:
-        state.load(latest, trainer)
-        state.truncate_metrics(metrics_path, trainer.step_count)
+    run.resume(trainer, latest)
+    if latest is not None:
         log(f"resumed from {latest} (step {trainer.step_count} of {total})")
-    elif cfg.resume:
-        log(f"nothing to resume in {ckpts}; starting from step 0")
-        metrics_path.unlink(missing_ok=True)
-    else:
-        metrics_path.unlink(missing_ok=True)
-    write_json(out / "train_config.json", cfg.to_dict())
     log(f"{cfg.recipe}: {len(data.train)} train / {len(data.eval)} eval examples, {total} steps of "
         f"{cfg.batch_size}x{cfg.grad_accum} at seq_len {cfg.seq_len}, "
         f"{sum(p.numel() for p in trainer.params.values()) / 1e6:.2f}M trainable parameters"
@@ -308,70 +286,31 @@ def train(cfg: TrainConfig, on_step: Callable[[dict], None] | None = None,
     last: dict = {"loss": float("nan")}
     ev: dict = {}
     bar = tqdm(total=total, initial=trainer.step_count, disable=not cfg.progress, unit="step", dynamic_ncols=True)
-    with metrics_path.open("a") as mf:
-        def record(line: dict) -> None:
-            mf.write(json.dumps(line) + "\n")
-            mf.flush()
-
+    with run:
         while trainer.step_count < total:
             last = trainer.step()
             s = last["step"]
             bar.update(1)
             bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
             if s % cfg.log_every == 0 or s == total:
-                record(last)
+                run.record(last)
             if cfg.eval_every and s % cfg.eval_every == 0 and s < total:
                 ev = trainer.evaluate()
                 if ev:
-                    record({"step": s, **ev})
+                    run.record({"step": s, **ev})
                     bar.write(f"step {s}: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()))
             if cfg.save_every and s % cfg.save_every == 0 and s < total:
-                state.save(ckpts, trainer, cfg.keep_checkpoints)
-                plot_losses(metrics_path, out / "loss.png")
+                run.save(trainer)
             if on_step is not None:
                 on_step(last)
         ev = trainer.evaluate()
         if ev:
-            record({"step": trainer.step_count, **ev})
+            run.record({"step": trainer.step_count, **ev})
     bar.close()
-    state.save(ckpts, trainer, cfg.keep_checkpoints)
-    meta = {"cairn_train": json.dumps({"recipe": cfg.recipe, "steps": trainer.step_count, "tokens": trainer.tokens,
-                                       "base": str(cfg.model)})}
-    trainer.export(out, meta)
-    plot_losses(metrics_path, out / "loss.png")
+    run.finish(trainer, {"recipe": cfg.recipe, "steps": trainer.step_count, "tokens": trainer.tokens,
+                         "base": str(cfg.model)})
     secs = time.perf_counter() - t0
-    result = TrainResult(trainer.step_count, trainer.tokens, secs, last["loss"], ev, out, data.stats.warnings)
+    result = TrainResult(trainer.step_count, trainer.tokens, secs, last["loss"], ev, run.out, data.stats.warnings)
     log(f"done: {result.steps} steps, {result.tokens} tokens in {secs:.1f}s, train loss {result.train_loss:.4f}"
-        + "".join(f", {k} {v:.4f}" for k, v in ev.items()) + f"; wrote {out}")
+        + "".join(f", {k} {v:.4f}" for k, v in ev.items()) + f"; wrote {run.out}")
     return result
-
-
-def plot_losses(metrics_path: Path, png: Path) -> None:
-    """Train and eval loss against step, as a PNG beside the metrics."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train, evals = [], []
-    if metrics_path.is_file():
-        for line in metrics_path.read_text().splitlines():
-            m = json.loads(line)
-            if "loss" in m:
-                train.append((m["step"], m["loss"]))
-            if "eval_loss" in m:
-                evals.append((m["step"], m["eval_loss"]))
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train), label="train", linewidth=1)
-    if evals:
-        ax.plot(*zip(*evals), "o-", label="eval")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    tmp = png.with_name(png.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(png)

@@ -20,7 +20,7 @@ from torch import nn
 
 from cairn.config import ModelConfig
 from cairn.errors import ModelLoadError
-from cairn.models.checkpoint import write_json
+from cairn.fsutil import atomic_write, atomic_write_json
 from cairn.models.llama import LlamaStage
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -102,14 +102,6 @@ def set_enabled(wrapped: dict[str, LoraLinear], enabled: bool) -> None:
         m.enabled = enabled
 
 
-def detach(stage: LlamaStage, wrapped: dict[str, LoraLinear]) -> None:
-    """Put the plain linears back (without merging)."""
-    for path in wrapped:
-        parent_path, lin = path.rsplit(".", 1)
-        parent = stage.get_submodule(parent_path)
-        setattr(parent, lin, getattr(parent, lin).base)
-
-
 def adapter_state(stage: LlamaStage, wrapped: dict[str, LoraLinear]) -> dict[str, torch.Tensor]:
     """PEFT-named adapter tensors (layer numbers are the model's)."""
     out = {}
@@ -143,10 +135,8 @@ def load_adapter_state(wrapped: dict[str, LoraLinear], stage: LlamaStage, tensor
 def save_adapter(out_dir: Path, tensors: dict[str, torch.Tensor], spec: LoraSpec, base_model: str) -> None:
     """adapter_config.json + adapter_model.safetensors, as PEFT writes them for a LoRA on a causal LM."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / (ADAPTER_WEIGHTS + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    tmp.replace(out_dir / ADAPTER_WEIGHTS)
-    write_json(out_dir / ADAPTER_CONFIG, {
+    atomic_write(out_dir / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    atomic_write_json(out_dir / ADAPTER_CONFIG, {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": str(base_model),

@@ -15,6 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from cairn.errors import ModelLoadError
+from cairn.fsutil import atomic_write_text
 
 _NAME = "step-"
 
@@ -112,6 +113,4 @@ def truncate_metrics(metrics_path: Path, step: int) -> None:
     if not metrics_path.is_file():
         return
     keep = [line for line in metrics_path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    tmp = metrics_path.with_name(metrics_path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    tmp.replace(metrics_path)
+    atomic_write_text(metrics_path, "".join(line + "\n" for line in keep))

@@ -5,8 +5,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-
-ray = pytest.importorskip("ray")
+import ray
 
 
 def loopback_only() -> bool:
@@ -22,7 +21,7 @@ def ray_cluster(tmp_path_factory):
                     "(Ray rewrites 127.0.0.1 to the machine's routable address otherwise)")
     from ray.cluster_utils import Cluster
 
-    from cairn.pool.ray_backend import device_resources
+    from cairn.pool.service import device_resources
 
     tmp = Path(tempfile.mkdtemp(prefix="cr", dir="/tmp"))  # short: Ray's socket paths must stay under 107 bytes
     (tmp / "ray").mkdir()

@@ -2,6 +2,7 @@
 slower workers take fewer steps; int8 deltas stay close to fp32."""
 
 import json
+import math
 import os
 import signal
 
@@ -28,7 +29,7 @@ def base(tmp_path_factory):
 
 
 def run(ray_cluster, base, corpus, out, on_round=None, slowdown=None, **kw):
-    from cairn.pool.ray_train import PoolTrainer
+    from cairn.train.distributed import PoolTrainer
 
     args = {"recipe": "pretrain", "model": str(base), "data": [str(corpus[0])], "eval_data": [str(corpus[1])],
             "out": str(out), "seq_len": 64, "batch_size": 8, "max_steps": 40, "lr": 3e-3, "warmup_steps": 4,
@@ -48,17 +49,16 @@ def test_diloco_close_to_sync_for_far_fewer_bytes(ray_cluster, base, corpus, tmp
 
 
 def test_killed_worker_is_dropped_and_replaced(ray_cluster, base, corpus, tmp_path):
-    import ray
-
-    from cairn.pool.ray_train import PoolTrainer
+    from cairn.pool import service
+    from cairn.train.distributed import PoolTrainer
 
     killed = []
 
     def kill_one(m):
         if m["step"] == 1:
             trainer = holder[0]
-            actor, _ = next(iter(trainer.workers.values()))
-            pid = ray.get(actor.pid.remote())
+            worker, _ = next(iter(trainer.workers.values()))
+            pid = service.get(worker.call("pid"), timeout=60)
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)
 
@@ -74,11 +74,12 @@ def test_killed_worker_is_dropped_and_replaced(ray_cluster, base, corpus, tmp_pa
 
 def test_slow_worker_takes_fewer_steps(ray_cluster, base, corpus, tmp_path):
     rounds = []
-    run(ray_cluster, base, corpus, tmp_path / "o", on_round=rounds.append, slowdown={0: 4.0}, max_steps=30)
-    for i, r in enumerate(rounds):  # the slow worker is stopped when the first fast one is done
+    # worker 0 is infinitely slow: one step per round, then it waits until the driver asks it to stop
+    run(ray_cluster, base, corpus, tmp_path / "o", on_round=rounds.append, slowdown={0: math.inf}, max_steps=30)
+    assert len(rounds) == 3
+    for r in rounds:  # the round ends once the first worker is done: the straggler is stopped, not waited for
         steps = r["inner_steps"]
-        assert steps[0] < min(steps[1], steps[2]) and max(steps.values()) == 10, rounds
-        assert i == 0 or steps[0] <= 6, rounds  # (round 1 also times the workers' start-up, in any order)
+        assert steps[0] == 1 and max(steps.values()) == 10 and min(steps[1], steps[2]) >= 1, rounds
 
 
 def test_int8_deltas_close_to_fp32(ray_cluster, base, corpus, tmp_path):
@@ -123,7 +124,7 @@ def test_resume_after_the_pool_stops_and_status_shows_workers(ray_cluster, base,
 
 
 def test_a_joining_device_gets_a_worker_that_contributes(ray_cluster, base, corpus, tmp_path):
-    from cairn.pool.ray_backend import device_resources
+    from cairn.pool.service import device_resources
 
     cluster, _ = ray_cluster
     rounds, added = [], []

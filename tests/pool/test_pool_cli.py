@@ -8,12 +8,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+import openai
 import pytest
 
-from cairn.serve.launch import ServerProcess, free_port
+from tests.serverproc import ServerProcess, free_port
 from tests.pool.conftest import loopback_only
-
-openai = pytest.importorskip("openai")
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +34,10 @@ def pool(tmp_path_factory):
     r = cairn("pool", "start", "--port", port, "--no-device", "--num-cpus", 1)
     assert r.returncode == 0, r.stderr
     token = cairn("pool", "token").stdout.strip()
+    assert len(token) == 64 and token not in r.stdout + r.stderr  # said where it is, not printed
+    token_file = home / "pool" / "token"
+    assert str(token_file) in r.stdout
+    assert token_file.stat().st_mode & 0o777 == 0o600 and token_file.parent.stat().st_mode & 0o777 == 0o700
     address = f"127.0.0.1:{port}"
     try:
         yield cairn, address, token, env
@@ -118,3 +121,16 @@ def test_train_on_the_pool_from_a_distributed_section(pool, tiny_model, tmp_path
         assert r.returncode == 2 and "unknown distributed option 'learning_rate'" in r.stderr, r.stderr
     finally:
         cairn("pool", "leave")
+
+
+def test_connecting_leaves_the_environment_as_it_was(pool):
+    _, address, token, env = pool
+    code = ("import os; from cairn.pool.control import connect; before = dict(os.environ); "
+            f"connect({address!r}, {token!r}); import ray; "
+            "auth = lambda env: {k: v for k, v in env.items() if k.startswith(('RAY_AUTH', 'RAY_NUM_REDIS'))}; "
+            "assert auth(os.environ) == auth(before), auth(os.environ); "
+            f"assert not any({token!r} in v for v in os.environ.values()); "
+            "print(ray.get(ray.put(7)), ray.is_initialized())")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["7", "True"]  # still connected and working without the token in the environment

@@ -110,3 +110,60 @@ def test_distributed_section(base_model, tmp_path, capsys, sft_file):
         cfg.write_text(head + body)
         code, io = run(capsys, cfg)
         assert code == 2 and why in io.err, io.err
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"model": 5}, "model: expected a string, got 5"),
+    ({"data": [{}]}, "data: expected a list of strings, got [{}]"),
+    ({"data": []}, "data: give at least one training file"),
+    ({"seed": 1.5}, "seed: expected a whole number, got 1.5"),
+    ({"lr": "fast"}, "lr: expected a finite number, got 'fast'"),
+    ({"lr": float("nan")}, "lr: expected a finite number, got nan"),
+    ({"lr": 0}, "lr: must be positive, got 0"),
+    ({"batch_size": 0}, "batch_size: must be at least 1, got 0"),
+    ({"batch_size": True}, "batch_size: expected a whole number, got True"),
+    ({"max_steps": "10"}, "max_steps: expected a whole number, got '10'"),
+    ({"recipe": "finetune"}, "recipe: expected one of pretrain, sft, dpo, got 'finetune'"),
+    ({"resume": "yes please"}, "resume: expected true or false, got 'yes please'"),
+    ({"threads": 0}, "threads: must be at least 1, got 0"),
+    ({"adam_betas": [0.9]}, "adam_betas: expected two numbers [beta1, beta2], got [0.9]"),
+    ({"adam_betas": [0.9, 1.5]}, "adam_betas: must be two numbers in [0, 1), got [0.9, 1.5]"),
+    ({"eval_data": 5}, "eval_data: expected a list of strings, got 5"),
+    ({"lora_targets": [1]}, "lora_targets: expected a list of strings, got [1]"),
+    ({"learning_rate": 0.1}, "unknown training option 'learning_rate'"),
+    ({"distributed": {"workers": "3"}}, "workers: expected a whole number, got '3'"),
+    ({"distributed": {"pool": 6380}}, "pool: expected the pool's HOST:PORT address, got 6380"),
+])
+def test_wrong_values_in_the_config_file_exit_2_naming_key_and_value(tmp_path, capsys, change, needle):
+    """Each wrong value in a config file: exit 2 before anything runs, one line naming the key, the value and what
+    was expected (the files need not exist: types are checked first)."""
+    import yaml
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump({"recipe": "sft", "model": str(tmp_path / "m"), "data": [str(tmp_path / "d")],
+                                   "out": str(tmp_path / "o"), **change}))
+    code, io = run(capsys, cfg)
+    assert code == 2, io
+    assert needle in io.err and len(io.err.strip().splitlines()) == 1, io.err
+    assert "Traceback" not in io.err and not (tmp_path / "o").exists()
+
+
+def test_yaml_quirks(tmp_path):
+    """PyYAML reads 1e-3 (no dot) as a string: it is the number it spells. A key given twice is refused (PyYAML
+    would silently keep the last)."""
+    from cairn.errors import UserError
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("recipe: sft\nmodel: m\ndata: d.jsonl\nout: o\nlr: 1e-3\n")
+    built = TrainConfig.build(cfg)
+    assert built.lr == 1e-3 and built.data == ("d.jsonl",)
+    cfg.write_text(cfg.read_text() + "lr: 2e-3\n")
+    with pytest.raises(UserError, match=r"run.yaml:6: 'lr' is given twice"):
+        TrainConfig.build(cfg)
+
+
+def test_flags_are_typed_too(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:  # argparse's own check: exit 2, one line
+        run(capsys, "--recipe", "sft", "--model", "m", "--data", "d", "--out", tmp_path / "o", "--seed", "1.5")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--seed" in err and "'1.5'" in err and len(err.strip().splitlines()) == 1

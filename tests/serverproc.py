@@ -1,5 +1,7 @@
-"""Start `cairn serve` as a child process on a free loopback port and wait until it is ready (demos, benchmarks,
-tests); stop it by its PID."""
+"""Start `cairn serve` as a child process on a free loopback port and wait until it is ready; stop it by its PID.
+
+A test helper (it needs httpx, a test dependency) that examples/ and benchmarks/ import too: run from the repo root,
+they put the root on sys.path first."""
 
 from __future__ import annotations
 

@@ -1,0 +1,87 @@
+"""Multiple choice by log-likelihood, scored as lm-evaluation-harness defines it.
+
+Each choice is a continuation of the question (after a space, or as the assistant's reply under a chat template).
+Its log-likelihood is the sum of its tokens' logprobs, where a pair is tokenized as the harness does: trailing
+spaces of the context move to the continuation, the whole text is encoded, and the continuation's tokens are what
+follows the context's own encoding. acc: the most likely choice is the answer; acc_norm: the same with each
+log-likelihood divided by the choice's length in characters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from cairn.eval.data import ChoiceItem
+
+
+def split_pair(context: str, continuation: str) -> tuple[str, str]:
+    """Move the context's trailing whitespace to the front of the continuation."""
+    n = len(context) - len(context.rstrip())
+    if n:
+        return context[:-n], context[-n:] + continuation
+    return context, continuation
+
+
+def encode_pair(context: str, continuation: str, encode: Callable[[str], list[int]],
+                prefix: int) -> tuple[list[int], list[int]]:
+    """(context tokens, continuation tokens); an empty context becomes the one prefix token."""
+    context, continuation = split_pair(context, continuation)
+    whole = encode(context + continuation)
+    ctx = encode(context)
+    cont = whole[len(ctx):]
+    return (ctx or [prefix]), cont
+
+
+def plain_context(item: ChoiceItem, shots: list[ChoiceItem]) -> str:
+    """Few-shot examples as `question answer`, blank-line separated, then the question."""
+    parts = [f"{s.text} {s.choices[s.answer]}" for s in shots]
+    return "\n\n".join([*parts, item.text])
+
+
+def chat_messages(item: ChoiceItem, shots: list[ChoiceItem]) -> list[dict]:
+    """Few-shot examples as earlier turns, then the question as the user's turn."""
+    msgs = []
+    for s in shots:
+        msgs += [{"role": "user", "content": s.text}, {"role": "assistant", "content": s.choices[s.answer]}]
+    return [*msgs, {"role": "user", "content": item.text}]
+
+
+@dataclass
+class ChoiceResult:
+    loglikelihoods: list[list[float]]
+    answers: list[int]
+    lengths: list[list[int]]
+
+    @staticmethod
+    def _argmax(xs: list[float]) -> int:
+        return max(range(len(xs)), key=lambda i: xs[i])
+
+    def predictions(self, normalised: bool) -> list[int]:
+        if normalised:
+            return [self._argmax([ll / max(n, 1) for ll, n in zip(lls, ns)])
+                    for lls, ns in zip(self.loglikelihoods, self.lengths)]
+        return [self._argmax(lls) for lls in self.loglikelihoods]
+
+    def as_dict(self) -> dict:
+        n = len(self.answers)
+        acc = sum(p == a for p, a in zip(self.predictions(False), self.answers)) / n
+        acc_norm = sum(p == a for p, a in zip(self.predictions(True), self.answers)) / n
+        return {"acc": acc, "acc_norm": acc_norm, "items": n}
+
+
+def multiple_choice(items: list[ChoiceItem], requests: Callable[[ChoiceItem], list[tuple[list[int], list[int]]]],
+                    score: Callable[[list[int]], tuple[list[float], list[bool]]],
+                    progress: Callable[[int], None] = lambda n: None) -> ChoiceResult:
+    """Log-likelihood of every choice of every item; `requests(item)` gives each choice's (context, continuation)
+    tokens."""
+    lls, lengths = [], []
+    for item in items:
+        row = []
+        for ctx, cont in requests(item):
+            logprobs, _ = score(ctx + cont)
+            row.append(sum(logprobs[len(ctx) - 1 :]))
+        lls.append(row)
+        lengths.append([len(c) for c in item.choices])
+        progress(1)
+    return ChoiceResult(lls, [it.answer for it in items], lengths)

@@ -1,0 +1,1 @@
+"""Number formats: tensors made smaller for the wire, for DiLoCo's deltas and (coming) for quantized weights."""
