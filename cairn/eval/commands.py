@@ -23,9 +23,25 @@ def model_identity(llm) -> dict:
             for block in iter(lambda: fh.read(1 << 24), b""):
                 digest.update(block)
     cfg = json.loads((Path(llm.model_dir) / "config.json").read_text())
-    return {"path": str(Path(llm.model_dir).resolve()), "sha256": digest.hexdigest(), "dtype": llm.dtype,
-            "quantization": cfg.get("quantization_config", {}).get("quant_method", "none"),
-            "architecture": (cfg.get("architectures") or ["?"])[0]}
+    identity = {"path": str(Path(llm.model_dir).resolve()), "sha256": digest.hexdigest(), "dtype": llm.dtype,
+                "quantization": cfg.get("quantization_config", {}).get("quant_method", "none"),
+                "architecture": (cfg.get("architectures") or ["?"])[0]}
+    source = _imported_from(files)
+    if source:  # weights dequantized from a GGUF: say from which types
+        identity["imported_from"] = source
+    return identity
+
+
+def _imported_from(files: list[Path]) -> dict | None:
+    from safetensors import safe_open
+
+    for f in files:
+        with safe_open(f, "pt") as st:
+            meta = (st.metadata() or {}).get("cairn_import")
+        if meta:
+            m = json.loads(meta)
+            return {"format": m.get("format"), "file": m.get("file"), "tensor_types": m.get("tensor_types")}
+    return None
 
 
 def prefix_token(llm) -> int:
@@ -128,7 +144,9 @@ def format_table(results: list[dict]) -> str:
     lines = []
     for res in results:
         m = res["model"]
-        lines.append(f"{Path(m['path']).name} ({m['dtype']}, {m['quantization']}, sha256 {m['sha256'][:12]})")
+        src = m.get("imported_from")
+        origin = f", from {src['file']} ({', '.join(f'{n} {t}' for t, n in src['tensor_types'].items())})" if src else ""
+        lines.append(f"{Path(m['path']).name} ({m['dtype']}, {m['quantization']}, sha256 {m['sha256'][:12]}{origin})")
         for r in res["tasks"]:
             a, b = HEADLINE[r["task"]]
             lines.append(f"  {_label(r):<40} {a} {r[a]:.4f}  {b} {r[b]:.4f}  ({r.get('tokens', r.get('items'))} "
