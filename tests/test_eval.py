@@ -26,6 +26,7 @@ ITEMS = [
     {"question": "The sun rises in the", "choices": ["east", "west", "north", "south"], "answer": 0},
     {"question": "A heap of stones on a path is a", "choices": ["cairn", "river", "tower of glass"], "answer": 0},
     {"question": "Stones are added by", "choices": ["walkers", "the wind", "nobody at all"], "answer": 0},
+    {"question": "Coffee in Paris is served at a", "choices": ["café", "cafe au lait stand", "crêperie"], "answer": 0},
 ]
 
 
@@ -103,7 +104,10 @@ def test_encode_pair_moves_trailing_space_like_the_harness():
 def test_accuracy_definitions_by_hand():
     r = choice.ChoiceResult(loglikelihoods=[[-1.0, -1.5], [-4.0, -6.0]], answers=[1, 1], lengths=[[1, 3], [2, 6]])
     # item 0: acc picks 0 (wrong); per char -1.0 vs -0.5 picks 1 (right). item 1: acc 0 (wrong); -2.0 vs -1.0 -> 1
-    assert r.as_dict() == {"acc": 0.0, "acc_norm": 1.0, "items": 2}
+    assert r.as_dict() == {"acc": 0.0, "acc_norm": 1.0, "acc_bytes": 1.0, "items": 2}
+    # bytes: "é" (2 bytes) makes choice 0 of item 0 longer: -1.0 / 2 beats -1.5 / 3 -> 0 (wrong)
+    r.byte_lengths = [[2, 3], [2, 6]]
+    assert r.as_dict()["acc_bytes"] == 0.5
 
 
 @pytest.mark.parametrize("fewshot", [0, 2])
@@ -117,7 +121,7 @@ def test_multiple_choice_equals_lm_evaluation_harness(llm, tiny_model, tmp_path,
     task = {"task": f"cairn_mc_{fewshot}", "dataset_path": "json", "dataset_kwargs": {"data_files": files},
             "test_split": "test", "output_type": "multiple_choice", "doc_to_text": "{{question}}",
             "doc_to_choice": "{{choices}}", "doc_to_target": "{{answer}}",
-            "metric_list": [{"metric": "acc"}, {"metric": "acc_norm"}]}
+            "metric_list": [{"metric": "acc"}, {"metric": "acc_norm"}, {"metric": "acc_bytes"}]}
     if fewshot:
         task |= {"fewshot_split": "train", "fewshot_config": {"sampler": "first_n"}}
     out = lm_eval.simple_evaluate(model=HFLM(pretrained=str(tiny_model), dtype="float32", batch_size=1, device="cpu"),
@@ -133,6 +137,7 @@ def test_multiple_choice_equals_lm_evaluation_harness(llm, tiny_model, tmp_path,
     metrics = out["results"][name]
     assert ours.as_dict()["acc"] == pytest.approx(metrics["acc,none"])
     assert ours.as_dict()["acc_norm"] == pytest.approx(metrics["acc_norm,none"])
+    assert ours.as_dict()["acc_bytes"] == pytest.approx(metrics["acc_bytes,none"])
 
 
 def test_generation_matching():

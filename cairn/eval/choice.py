@@ -4,7 +4,8 @@ Each choice is a continuation of the question (after a space, or as the assistan
 Its log-likelihood is the sum of its tokens' logprobs, where a pair is tokenized as the harness does: trailing
 spaces of the context move to the continuation, the whole text is encoded, and the continuation's tokens are what
 follows the context's own encoding. acc: the most likely choice is the answer; acc_norm: the same with each
-log-likelihood divided by the choice's length in characters.
+log-likelihood divided by the choice's length in characters (the harness's definition); acc_bytes: divided by its
+length in UTF-8 bytes.
 """
 
 from __future__ import annotations
@@ -52,22 +53,28 @@ class ChoiceResult:
     loglikelihoods: list[list[float]]
     answers: list[int]
     lengths: list[list[int]]
+    """Each choice's length in characters."""
+    byte_lengths: list[list[int]] | None = None
+    """Each choice's length in UTF-8 bytes (None: the same as characters)."""
 
     @staticmethod
     def _argmax(xs: list[float]) -> int:
         return max(range(len(xs)), key=lambda i: xs[i])
 
-    def predictions(self, normalised: bool) -> list[int]:
-        if normalised:
-            return [self._argmax([ll / max(n, 1) for ll, n in zip(lls, ns)])
-                    for lls, ns in zip(self.loglikelihoods, self.lengths)]
-        return [self._argmax(lls) for lls in self.loglikelihoods]
+    def predictions(self, per: list[list[int]] | None = None) -> list[int]:
+        """The chosen index of each item: by log-likelihood, or by log-likelihood per unit of `per`."""
+        if per is None:
+            return [self._argmax(lls) for lls in self.loglikelihoods]
+        return [self._argmax([ll / max(n, 1) for ll, n in zip(lls, ns)]) for lls, ns in zip(self.loglikelihoods, per)]
 
     def as_dict(self) -> dict:
         n = len(self.answers)
-        acc = sum(p == a for p, a in zip(self.predictions(False), self.answers)) / n
-        acc_norm = sum(p == a for p, a in zip(self.predictions(True), self.answers)) / n
-        return {"acc": acc, "acc_norm": acc_norm, "items": n}
+
+        def accuracy(per):
+            return sum(p == a for p, a in zip(self.predictions(per), self.answers)) / n
+
+        return {"acc": accuracy(None), "acc_norm": accuracy(self.lengths),
+                "acc_bytes": accuracy(self.byte_lengths or self.lengths), "items": n}
 
 
 def multiple_choice(items: list[ChoiceItem], requests: Callable[[ChoiceItem], list[tuple[list[int], list[int]]]],
@@ -84,4 +91,5 @@ def multiple_choice(items: list[ChoiceItem], requests: Callable[[ChoiceItem], li
         lls.append(row)
         lengths.append([len(c) for c in item.choices])
         progress(1)
-    return ChoiceResult(lls, [it.answer for it in items], lengths)
+    byte_lengths = [[len(c.encode("utf-8")) for c in it.choices] for it in items]
+    return ChoiceResult(lls, [it.answer for it in items], lengths, byte_lengths)
