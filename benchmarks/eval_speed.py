@@ -53,7 +53,7 @@ def main() -> None:
         ppl = perplexity.perplexity(texts, llm.tokenizer.encode, prefix, llm.score, a.window, a.window - 1)
         c_ppl_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        mc = choice.multiple_choice(items, ev._choice_requests(llm, False, [], a.window), llm.score)
+        mc = choice.multiple_choice(items, ev._choice_requests(llm, False, [], a.window), llm.score_many)
         c_mc_s = time.perf_counter() - t0
 
     from lm_eval.api.instance import Instance

@@ -130,7 +130,7 @@ def test_multiple_choice_equals_lm_evaluation_harness(llm, tiny_model, tmp_path,
     theirs = [[float(r[0][0]) for r in s["resps"]] for s in sorted(out["samples"][name], key=lambda s: s["doc_id"])]
 
     items = [ChoiceItem.model_validate(x) for x in ITEMS]
-    ours = choice.multiple_choice(items[fewshot:], ev._choice_requests(llm, False, items[:fewshot], 256), llm.score)
+    ours = choice.multiple_choice(items[fewshot:], ev._choice_requests(llm, False, items[:fewshot], 256), llm.score_many)
     assert [len(r) for r in ours.loglikelihoods] == [len(r) for r in theirs]
     flat = [x for r in ours.loglikelihoods for x in r]
     assert flat == pytest.approx([x for r in theirs for x in r], abs=2e-4)
@@ -185,3 +185,14 @@ def test_cli_bad_input_exits_2(tiny_model, tmp_path, args, message):
     r = subprocess.run([sys.executable, "-m", "cairn", "eval", str(tiny_model), *map(str, args)],
                        capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_batched_scoring_equals_one_sequence_at_a_time(llm):
+    seqs = [llm.tokenizer.encode(t)[:n] for t, n in [(TEXTS[0], 40), (TEXTS[1], 9), (TEXTS[0], 17)]]
+    starts = [5, 1, 16]
+    batched = llm.score_many(seqs, starts)
+    for seq, start, (lp, greedy) in zip(seqs, starts, batched):
+        one, one_greedy = llm.score(seq)
+        assert lp == pytest.approx(one[start - 1 :], abs=1e-4) and greedy == one_greedy[start - 1 :]
+    with pytest.raises(Exception, match="start within"):
+        llm.score_many([seqs[1]], [9])

@@ -210,6 +210,21 @@ class LLM:
             raise UserError(f"{len(ids)} tokens do not fit the context of {self.engine.max_context}", param="prompt")
         return self.runner.score(ids)
 
+    def score_many(self, seqs: list[list[int]], starts: list[int]) -> list[tuple[list[float], list[bool]]]:
+        """`score` of several sequences, keeping each one's entries for tokens [start:] (start >= 1): batched in
+        one forward where the runner can (local), one sequence at a time otherwise (pool)."""
+        for seq, start in zip(seqs, starts):
+            if not 1 <= start < len(seq):
+                raise UserError(f"a scored span must start within the sequence after its first token, got {start} "
+                                f"of {len(seq)}", param="prompt")
+            if len(seq) > self.engine.max_context:
+                raise UserError(f"{len(seq)} tokens do not fit the context of {self.engine.max_context}",
+                                param="prompt")
+        many = getattr(self.runner, "score_many", None)
+        if many is not None:
+            return many(seqs, starts)
+        return [tuple(x[start - 1 :] for x in self.runner.score(seq)) for seq, start in zip(seqs, starts)]
+
     def chat(self, messages: list[dict], params: SamplingParams = SamplingParams()) -> RequestHandle:
         return self.submit(self.render_chat(messages), params)
 

@@ -78,18 +78,26 @@ class ChoiceResult:
 
 
 def multiple_choice(items: list[ChoiceItem], requests: Callable[[ChoiceItem], list[tuple[list[int], list[int]]]],
-                    score: Callable[[list[int]], tuple[list[float], list[bool]]],
-                    progress: Callable[[int], None] = lambda n: None) -> ChoiceResult:
+                    score_many: Callable[[list[list[int]], list[int]], list[tuple[list[float], list[bool]]]],
+                    progress: Callable[[int], None] = lambda n: None, batch_tokens: int = 2048) -> ChoiceResult:
     """Log-likelihood of every choice of every item; `requests(item)` gives each choice's (context, continuation)
-    tokens."""
-    lls, lengths = [], []
-    for item in items:
-        row = []
-        for ctx, cont in requests(item):
-            logprobs, _ = score(ctx + cont)
-            row.append(sum(logprobs[len(ctx) - 1 :]))
-        lls.append(row)
-        lengths.append([len(c) for c in item.choices])
-        progress(1)
+    tokens. Pairs are scored longest first in batches of about `batch_tokens` padded tokens (`score_many` scores
+    several sequences at once, each from a start position)."""
+    pairs = [(i, j, ctx + cont, len(ctx)) for i, item in enumerate(items) for j, (ctx, cont) in
+             enumerate(requests(item))]
+    lls = [[0.0] * len(item.choices) for item in items]
+    left = [len(item.choices) for item in items]
+    order = sorted(pairs, key=lambda p: -len(p[2]))
+    k = 0
+    while k < len(order):
+        width = len(order[k][2])
+        batch = order[k : k + max(1, batch_tokens // width)]
+        k += len(batch)
+        for (i, j, _, _), (logprobs, _) in zip(batch, score_many([p[2] for p in batch], [p[3] for p in batch])):
+            lls[i][j] = sum(logprobs)
+            left[i] -= 1
+            if left[i] == 0:
+                progress(1)
+    lengths = [[len(c) for c in it.choices] for it in items]
     byte_lengths = [[len(c.encode("utf-8")) for c in it.choices] for it in items]
     return ChoiceResult(lls, [it.answer for it in items], lengths, byte_lengths)

@@ -102,7 +102,7 @@ def run_choice(llm, path: str, fewshot: int, use_chat: bool, show: bool) -> dict
     t0 = time.perf_counter()
     with _bar(len(items), "item", f"choice {Path(path).name}", show) as bar:
         r = choice.multiple_choice(items, _choice_requests(llm, use_chat, shots, llm.engine.max_context),
-                                   llm.score, bar.update)
+                                   llm.score_many, bar.update)
     secs = time.perf_counter() - t0
     return {"task": "choice", "file": str(path), "fewshot": fewshot, "chat": use_chat, **r.as_dict(),
             "seconds": secs, "items_per_s": len(items) / secs, "loglikelihoods": r.loglikelihoods}
