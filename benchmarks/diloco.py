@@ -1,6 +1,7 @@
 """DiLoCo against synchronous data parallelism on 3 local pool workers: held-out loss, bytes, wall time.
 
     python benchmarks/diloco.py [--shape tiny] [--steps 1000] [--h 50 100 500] [--int8-h 30 100] [--out bench-diloco]
+    python benchmarks/diloco.py --deltas fp32 bf16 int8 int4 [--deltas-h 30] [--seeds 0 1 2] [--shape small ...]
 
 Same model, data (cairn's shipped text, 5% held out) and token budget for every run: `--steps` optimizer steps of
 `--batch` x `--seq-len` tokens per worker. Every run starts from one checkpoint: a random `--shape` Llama that one
@@ -12,6 +13,11 @@ runs send int8 deltas both ways. A reference row shows one worker alone on its t
 crosses the object store: gradients or deltas up, global weights (or, compressed, their change) down. Then the
 straggler experiment: one worker made 2x slower (it sleeps as long as each step took), once under DiLoCo (rounds end
 soon after the first worker is done) and once under synchronous DP (every step waits for it).
+
+With --deltas, only DiLoCo at H = --deltas-h runs, once per delta dtype and --seeds seed (the same model and data;
+the first dtype at the same seed is the reference): what compressing the pseudo-gradients and the broadcast weights
+costs in held-out loss. Training is chaotic: a change as small as rounding order moves the final loss by about a
+percent, so compare over several seeds.
 
 Runs in a loopback-only network namespace (re-executes itself under `unshare -n`), a Ray head and 3 device nodes on
 127.0.0.1. All workers share this machine's cores (1 torch thread each), so wall times measure the method on one
@@ -48,7 +54,7 @@ def make_inputs(tmp: Path, a) -> tuple[Path, Path, float | None]:
     from cairn.train.loop import train as train_local
 
     docs = shipped_corpus(a.sentences)
-    init_model(tmp / "model", shape=a.shape, seed=0, corpus=docs)
+    init_model(tmp / "model", shape=a.shape, seed=0, corpus=docs, **({"num_layers": a.layers} if a.layers else {}))
     data = tmp / "corpus.jsonl"
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
     if not a.warm_start:
@@ -73,6 +79,36 @@ def train(a, model: Path, data: Path, out: Path, slowdown: dict[int, float] | No
     return result
 
 
+def compare_deltas(a, model: Path, data: Path, tmp: Path, out: Path, warm_loss: float | None) -> None:
+    """DiLoCo at H = --deltas-h once per delta dtype and seed; each dtype's held-out loss against the first's at
+    the same seed (a seed fixes the held-out split and the workers' data order)."""
+    from cairn.config import ModelConfig
+
+    n = ModelConfig.from_hf_dir(model).param_count()
+    print(f"{n / 1e6:.2f}M parameters; DiLoCo H={a.deltas_h}, inner lr {a.lr:g}, outer {a.outer_lr:g} / "
+          f"{a.outer_momentum:g}; seeds {a.seeds}")
+    runs: dict[str, dict] = {}
+    with local_pool(3):
+        for seed in a.seeds:
+            for d in a.deltas:
+                runs[f"{d} seed {seed}"] = train(a, model, data, tmp / f"deltas-{d}-{seed}", inner_steps=a.deltas_h,
+                                                 round_slack=0, delta_dtype=d, seed=seed,
+                                                 eval_every=max(1, a.steps // a.deltas_h // 5))
+    first = a.deltas[0]
+    print(f"\n{'deltas':<7} " + " ".join(f"{f'loss seed {s}':>12} {'vs ' + first:>8}" for s in a.seeds)
+          + f" {'mean vs ' + first:>12} {'MB up':>8} {'MB down':>8} {'fewer bytes':>11}")
+    for d in a.deltas:
+        rs = [runs[f"{d} seed {s}"] for s in a.seeds]
+        refs = [runs[f"{first} seed {s}"] for s in a.seeds]
+        diffs = [r["eval_loss"] / f["eval_loss"] - 1 for r, f in zip(rs, refs)]
+        ratio = (refs[0]["bytes_up"] + refs[0]["bytes_down"]) / (rs[0]["bytes_up"] + rs[0]["bytes_down"])
+        print(f"{d:<7} " + " ".join(f"{r['eval_loss']:>12.4f} {x:>+8.2%}" for r, x in zip(rs, diffs))
+              + f" {sum(diffs) / len(diffs):>+12.2%} {rs[0]['bytes_up'] / 1e6:>8.1f} {rs[0]['bytes_down'] / 1e6:>8.1f}"
+              f" {ratio:>10.2f}x")
+    (out / "deltas.json").write_text(json.dumps({"args": vars(a), "warm_start_loss": warm_loss, "runs": runs},
+                                                indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="tiny")
@@ -90,6 +126,11 @@ def main() -> None:
     ap.add_argument("--slow-h", type=int, default=100, help="H for the straggler experiment")
     ap.add_argument("--outer-lr", type=float, default=0.7)
     ap.add_argument("--outer-momentum", type=float, default=0.9)
+    ap.add_argument("--layers", type=int, default=None, help="blocks of the model (default: the shape's)")
+    ap.add_argument("--deltas", nargs="+", default=None, choices=["fp32", "bf16", "int8", "int4"],
+                    help="only compare these delta dtypes at H = --deltas-h (the first is the reference)")
+    ap.add_argument("--deltas-h", type=int, default=30)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="with --deltas: one run per dtype per seed")
     ap.add_argument("--out", default="bench-diloco")
     a = ap.parse_args()
     ensure_isolated()
@@ -103,6 +144,9 @@ def main() -> None:
     print(f"{a.shape} model {start}; then 3 workers, {a.steps} steps x {a.batch} x {a.seq_len} tokens each = "
           f"{tokens / 1e6:.2f}M tokens per run\n")
     runs: dict[str, dict] = {}
+    if a.deltas:
+        compare_deltas(a, model, data, tmp, out, warm_loss)
+        return
     with local_pool(3):
         ev = max(1, a.steps // 10)
         sync = {lr: train(a, model, data, tmp / f"sync-{lr}", sync="every-step", eval_every=ev, lr=lr)

@@ -81,6 +81,9 @@ def train(config: str | None = None, pool: str | None = None, token: str | None 
         options["progress"] = False
     cfg = TrainConfig.build(config, pool=pool, **options)
     cfg = dataclasses.replace(cfg, model=_model(cfg.model))  # a .gguf starting model: imported once
+    if cfg.model and _quantized(cfg.model):
+        raise UserError(f"{cfg.model} is a quantized checkpoint; train from the unquantized model (training on a "
+                        f"quantized base is not supported yet)", param="model")
     pool = cfg.pool
     if pool is None:
         if cfg.workers:
@@ -110,6 +113,15 @@ def _model(path: str) -> str:
     from cairn.models.gguf import resolve_model
 
     return str(resolve_model(path, _cache_root(), progress=sys.stderr.isatty()))
+
+
+def _quantized(model_dir: str | Path) -> bool:
+    """Whether a model directory holds a quantized checkpoint (config.json's quantization_config)."""
+    path = Path(model_dir) / "config.json"
+    try:
+        return path.is_file() and bool(json.loads(path.read_text()).get("quantization_config"))
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return False  # the loader reports a bad config.json
 
 
 def gguf_import(gguf_file: str, out_dir: str, dtype: str = "float32") -> int:
@@ -167,10 +179,45 @@ def gguf_export(model_dir: str, out_file: str, qtype: str = "f16") -> int:
     from cairn.models.gguf import export_gguf
 
     t0 = time.perf_counter()
-    s = export_gguf(_model(model_dir), out_file, qtype=qtype, progress=sys.stderr.isatty())
+    model_dir = _model(model_dir)
+    if _quantized(model_dir):  # llama.cpp gets the weights the quantized checkpoint stands for
+        import tempfile
+
+        from cairn.models.quantize import dequantize_checkpoint
+
+        with tempfile.TemporaryDirectory(prefix="cairn-export-") as tmp:
+            dequantize_checkpoint(model_dir, Path(tmp) / "model")
+            s = export_gguf(Path(tmp) / "model", out_file, qtype=qtype, progress=sys.stderr.isatty())
+    else:
+        s = export_gguf(model_dir, out_file, qtype=qtype, progress=sys.stderr.isatty())
     types = ", ".join(f"{n} {k}" for k, n in s["tensor_types"].items())
     print(f"wrote {out_file} ({s['arch']}, {qtype}: tensors {types}; {s['bytes'] / 2**20:.1f} MiB) in "
           f"{time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+def quantize(model_dir: str, out_dir: str, bits: int, group_size: int | None = None, method: str = "rtn",
+             keep: str = "", symmetric: bool = False, scale_dtype: str | None = None, calibration: str | None = None,
+             samples: int = 32) -> int:
+    """Quantize MODEL's matrices to int8 (one scale per output row) or int4 (--group-size 32/64/128 columns per
+    scale, asymmetric unless --symmetric) and write a checkpoint to OUT_DIR (must not exist or be empty) that
+    generate, chat, serve, eval and the pool run with torch's int8/int4 kernels. --method rtn rounds to nearest;
+    awq and gptq calibrate on --calibration text (default: a built-in sample). --keep "lm_head,embed" leaves
+    matrices unquantized (a tied head is the embedding). The method and its parameters go into config.json."""
+    from cairn.models.quantize import quantize_checkpoint
+    from cairn.quant.weights import QuantFormat
+
+    if bits == 4 and group_size is None:
+        group_size = 32
+    fmt = QuantFormat(bits, group_size, symmetric, scale_dtype or ("float32" if bits == 8 else "bfloat16"))
+    if Path(out_dir).exists() and (not Path(out_dir).is_dir() or any(Path(out_dir).iterdir())):
+        raise UserError(f"{out_dir} already exists and is not an empty directory; choose a new one")
+    s = quantize_checkpoint(_model(model_dir), out_dir, fmt, method=method, keep=keep, calibration=calibration,
+                            samples=samples, progress=sys.stderr.isatty())
+    kept = f"; kept {', '.join(s['kept'])}" if s["kept"] else ""
+    print(f"wrote {out_dir}: {s['quantized']} matrices {method} int{bits}"
+          f"{f' g{group_size}' if bits == 4 else ''}{kept}; {s['bytes_before'] / 2**20:.1f} MiB -> "
+          f"{s['bytes_after'] / 2**20:.1f} MiB ({s['bits_per_weight']:.2f} bits per weight) in {s['seconds']:.1f}s")
     return 0
 
 
@@ -179,15 +226,32 @@ def lora_merge(base: str, adapter: str, out: str, dtype: str | None = None) -> i
     write a full Hugging Face checkpoint to --out."""
     from cairn.train.lora import merge_to_checkpoint
 
+    if _quantized(_model(base)):
+        raise UserError(f"{base} is a quantized checkpoint; merge the adapter into the unquantized model, then "
+                        f"quantize the result")
     cfg = merge_to_checkpoint(_model(base), adapter, out, dtype=dtype)
     print(f"merged {adapter} into {base} ({cfg.num_layers} layers); wrote {out}")
     return 0
 
 
-def _engine_config(device: str, dtype: str | None, threads: int | None, max_context: int | None = None, max_seqs: int = 4):
+def _engine_config(device: str, dtype: str | None, threads: int | None, max_context: int | None = None, max_seqs: int = 4,
+                   kv_memory: str | None = None, prefix_cache: bool = True, draft: str | None = None):
     from cairn.config import EngineConfig
 
-    return EngineConfig(device=device, dtype=dtype, threads=threads, max_context=max_context, max_seqs=max_seqs)
+    return EngineConfig(device=device, dtype=dtype, threads=threads, max_context=max_context, max_seqs=max_seqs,
+                        kv_memory=_kv_bytes(kv_memory), prefix_caching=prefix_cache, draft=draft)
+
+
+def _kv_bytes(kv_memory: str | None) -> int | None:
+    """--kv-memory SIZE ('512MiB', '2GiB', '1e9') as bytes."""
+    if kv_memory is None:
+        return None
+    from cairn.pool.devices import parse_bytes
+
+    try:
+        return parse_bytes(kv_memory)
+    except UserError as e:
+        raise UserError(f"--kv-memory: {e}", param="kv_memory") from None
 
 
 def _sampling(max_tokens, temperature, top_p, top_k, seed, stop, repetition_penalty=1.0, logprobs=None, ignore_eos=False):
@@ -215,7 +279,8 @@ def _load_llm(model_dir: str, config, pool: str | None = None, token: str | None
     max_context = min(cfg.max_position_embeddings, config.max_context or 4096)
     runner = PipelineRunner(model_dir, cfg, max_seqs=config.max_seqs, max_context=max_context,
                             dtype=resolve_dtype(cfg, config), max_batch_tokens=config.max_batch_tokens,
-                            wire=wire_dtype, threads=config.threads, name=name)
+                            wire=wire_dtype, threads=config.threads, name=name, kv_memory=config.kv_memory,
+                            block_size=config.block_size)
     return LLM(model_dir, config, runner=runner)
 
 
@@ -223,12 +288,15 @@ def generate(model_dir: str, prompt: str, max_tokens: int = 128, temperature: fl
              top_k: int = 0, seed: int | None = None, stop: list[str] | None = None, repetition_penalty: float = 1.0,
              ignore_eos: bool = False, json_out: bool = False, device: str = "cpu", dtype: str | None = None,
              threads: int | None = None, pool: str | None = None, token: str | None = None,
-             wire_dtype: str = "fp32") -> int:
+             wire_dtype: str = "fp32", kv_memory: str | None = None, prefix_cache: bool = True,
+             draft: str | None = None) -> int:
     """Print the model's continuation of --prompt, streamed as it is generated (greedy unless --temperature > 0).
     --json prints one object instead: tokens, text, finish reason and timing. --pool ADDRESS runs the model across
     the pool's devices."""
     params = _sampling(max_tokens, temperature, top_p, top_k, seed, stop, repetition_penalty, ignore_eos=ignore_eos)
-    with _load_llm(model_dir, _engine_config(device, dtype, threads, max_seqs=1), pool, token, wire_dtype) as llm:
+    config = _engine_config(device, dtype, threads, max_seqs=1, kv_memory=kv_memory, prefix_cache=prefix_cache,
+                            draft=draft)
+    with _load_llm(model_dir, config, pool, token, wire_dtype) as llm:
         t0 = time.perf_counter()
         handle = llm.submit(prompt, params)
         tokens, text, first, finish = [], [], None, None
@@ -256,13 +324,17 @@ def generate(model_dir: str, prompt: str, max_tokens: int = 128, temperature: fl
 
 def chat(model_dir: str, system: str | None = None, max_tokens: int = 256, temperature: float = 0.7,
          top_p: float = 0.95, seed: int | None = None, device: str = "cpu", dtype: str | None = None,
-         threads: int | None = None) -> int:
+         threads: int | None = None, kv_memory: str | None = None, prefix_cache: bool = True,
+         draft: str | None = None) -> int:
     """Chat with the model using its checkpoint's chat template: multi-turn, replies stream to the terminal.
-    Type a message and press Enter; Ctrl-D (end of input) quits."""
+    Type a message and press Enter; Ctrl-D (end of input) quits. Each turn reuses the cached blocks of the
+    conversation so far (unless --no-prefix-cache)."""
     from cairn.engine.api import LLM
 
     params = _sampling(max_tokens, temperature, top_p, 0, seed, None)
-    with LLM(_model(model_dir), _engine_config(device, dtype, threads, max_seqs=1)) as llm:
+    config = _engine_config(device, dtype, threads, max_seqs=1, kv_memory=kv_memory, prefix_cache=prefix_cache,
+                            draft=draft)
+    with LLM(_model(model_dir), config) as llm:
         if not llm.tokenizer.chat_template:
             raise UserError(f"{model_dir} has no chat template (tokenizer_config.json: chat_template); use generate")
         messages = [{"role": "system", "content": system}] if system else []
@@ -304,13 +376,17 @@ def serve(model_dirs: list[str], host: str = "127.0.0.1", port: int = 8000, api_
           served_name: list[str] | None = None, device: str = "cpu", dtype: str | None = None,
           threads: int | None = None, pool: str | None = None, token: str | None = None,
           wire_dtype: str = "fp32", max_body_bytes: int = 4 * 1024 * 1024, log_level: str = "info",
-          log_json: bool = False) -> int:
+          log_json: bool = False, kv_memory: str | None = None, prefix_cache: bool = True,
+          draft: str | None = None) -> int:
     """Serve local models over an OpenAI-compatible API: /v1/models, /v1/chat/completions, /v1/completions
     (streaming too), /health, /metrics and /openapi.json. --api-key (or CAIRN_API_KEY) makes /v1 require
     'Bearer KEY'. --max-concurrency sequences decode together per model; beyond --max-queue waiting requests, 429;
     bodies over --max-body-bytes, 413. Each request is logged (--log-level, --log-json for JSON lines).
     --pool ADDRESS places each model across the pool's devices (token: --token or $CAIRN_POOL_TOKEN) and keeps
-    serving when a device disappears."""
+    serving when a device disappears. The KV cache grows in blocks as sequences do, up to --kv-memory (default:
+    what the device has left after the weights); when it is full, new requests wait and running ones may be
+    preempted and resumed. Requests that share a prompt prefix share its cached blocks (--no-prefix-cache: off).
+    --draft ngram decodes greedy requests speculatively by prompt lookup (same output, fewer steps)."""
     import os
 
     import uvicorn
@@ -333,7 +409,8 @@ def serve(model_dirs: list[str], host: str = "127.0.0.1", port: int = 8000, api_
     for d in model_dirs:  # fail before binding the port if a directory is plainly wrong
         ModelConfig.from_hf_dir(d)
     config = EngineConfig(device=device, dtype=dtype, threads=threads, max_seqs=max_concurrency,
-                          max_queue=max_queue, max_context=max_context)
+                          max_queue=max_queue, max_context=max_context, kv_memory=_kv_bytes(kv_memory),
+                          prefix_caching=prefix_cache, draft=draft)
 
     if pool is not None:
         connect = _pool().connect
@@ -419,6 +496,17 @@ def pool_join(address: str, token: str | None = None, host: str = "127.0.0.1", d
     return 0
 
 
+def _kv_blocks_text(stage: dict) -> str:
+    """' (KV 1.2 GiB: 300/4096 blocks used, 20 cached, 3776 free)' for a served stage, '' when not known."""
+    if "blocks_total" not in stage:
+        return ""
+    size = f"KV {stage['kv_bytes'] / 2**30:.2f} GiB: " if "kv_bytes" in stage else ""
+    if "blocks_used" not in stage:
+        return f" ({size}{stage['blocks_total']} blocks)"
+    return (f" ({size}{stage['blocks_used']}/{stage['blocks_total']} blocks used, {stage['blocks_cached']} cached, "
+            f"{stage['blocks_free']} free)")
+
+
 def pool_status(address: str | None = None, token: str | None = None, json_out: bool = False) -> int:
     """Every node and device of the pool: kind, memory budget, measured speed, health, and which layers of which
     model it runs."""
@@ -442,7 +530,7 @@ def pool_status(address: str | None = None, token: str | None = None, json_out: 
         d = n["device"]
         dev = "no device" if d is None else (f"{d['kind']}, {d['memory_bytes'] / 2**30:.2f} GiB, "
                                              f"{d['bandwidth_gbs']:.1f} GB/s, {d['gflops']:.1f} GFLOP/s")
-        run = "; ".join([f"{r['model']} layers {r['layers']}" for r in n["running"]]
+        run = "; ".join([f"{r['model']} layers {r['layers']}{_kv_blocks_text(r)}" for r in n["running"]]
                         + [f"training worker {t['worker']} of {t['run']} ({t['recipe']}, {t['sync']}, round "
                            f"{t['round']}/{t['rounds']}, {t.get('tokens_per_s', 0):.0f} tok/s)"
                            for t in n["training"]]) or "idle"
@@ -481,7 +569,20 @@ def arg(*flags: str, **kwargs) -> Arg:
 _POOL = [
     arg("--pool", default=None, metavar="ADDRESS", help="run across the pool at ADDRESS (cairn pool start)"),
     arg("--token", default=None, help="the pool's token (default: $CAIRN_POOL_TOKEN)"),
-    arg("--wire-dtype", choices=["fp32", "bf16", "int8"], default="fp32", help="activations between stages"),
+    arg("--wire-dtype", choices=["fp32", "bf16", "int8", "int4"], default="fp32",
+        help="activations between stages: fp32 (exact), bf16 (2x fewer bytes), int8 (3.6x: blocks of 32 with their "
+             "own scale, outliers sent apart), int4 (6.2x, for slow links: perplexity +0.1-1%%, some answers change)"),
+]
+
+_KV = [
+    arg("--kv-memory", default=None, metavar="SIZE",
+        help="memory for the KV cache, e.g. 512MiB (default: what the device has left after the weights, at most "
+             "max-concurrency whole contexts; on CPU half the available memory, backed only as blocks fill)"),
+    arg("--no-prefix-cache", dest="prefix_cache", action="store_false",
+        help="compute every prompt in full instead of reusing the cached blocks of an earlier identical prefix"),
+    arg("--draft", choices=["ngram"], default=None,
+        help="speculative decoding of greedy requests: ngram proposes the tokens that followed the last few tokens "
+             "where they occurred before (prompt lookup); the model verifies them in one forward, same output"),
 ]
 
 _RUNTIME = [
@@ -517,6 +618,7 @@ COMMANDS: dict[str, tuple[Callable[..., int], list[Arg]]] = {
         arg("--ignore-eos", action="store_true", help="keep going past end-of-sequence tokens"),
         arg("--json", dest="json_out", action="store_true", help="print tokens, text, finish reason and timing as JSON"),
         *_RUNTIME,
+        *_KV,
         *_POOL,
     ]),
     "chat": (chat, [
@@ -527,6 +629,7 @@ COMMANDS: dict[str, tuple[Callable[..., int], list[Arg]]] = {
         arg("--top-p", type=float, default=0.95),
         arg("--seed", type=int, default=None),
         *_RUNTIME,
+        *_KV,
     ]),
     "serve": (serve, [
         arg("model_dirs", nargs="+", metavar="MODEL_DIR"),
@@ -542,6 +645,7 @@ COMMANDS: dict[str, tuple[Callable[..., int], list[Arg]]] = {
             help="requests are logged at info, failures at warning/error"),
         arg("--log-json", action="store_true", help="log JSON lines instead of text"),
         *_RUNTIME,
+        *_KV,
         *_POOL,
     ]),
     "train": (train, [
@@ -571,7 +675,7 @@ COMMANDS: dict[str, tuple[Callable[..., int], list[Arg]]] = {
         arg("--sync", choices=["diloco", "every-step"], default=None, help="DiLoCo rounds or synchronous DP"),
         *[arg(f"--{name}", type=kind, default=None) for name, kind in [
             ("inner-steps", int), ("outer-lr", float), ("outer-momentum", float), ("round-slack", float)]],
-        arg("--delta-dtype", choices=["fp32", "bf16", "int8"], default=None,
+        arg("--delta-dtype", choices=["fp32", "bf16", "int8", "int4"], default=None,
             help="pseudo-gradients up and global-weight changes down"),
     ]),
     "eval": (evaluate, [
@@ -601,6 +705,19 @@ COMMANDS: dict[str, tuple[Callable[..., int], list[Arg]]] = {
         arg("out_file", metavar="OUT.gguf"),
         arg("--type", dest="qtype", choices=["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"],
             default="f16", help="weight type (quantized types: every matrix, norms stay f32)"),
+    ]),
+    "quantize": (quantize, [
+        arg("model_dir", metavar="MODEL"),
+        arg("out_dir", metavar="OUT_DIR"),
+        arg("--bits", type=int, required=True, choices=[8, 4]),
+        arg("--group-size", type=int, default=None, help="int4: columns per scale, 32, 64 or 128 (default 32)"),
+        arg("--method", default="rtn", help="rtn (round to nearest), awq or gptq (calibrated)"),
+        arg("--keep", default="", help='matrices left unquantized, e.g. "lm_head,embed" or "down_proj"'),
+        arg("--symmetric", action="store_true", help="int4 without zero points"),
+        arg("--scale-dtype", choices=["float32", "bfloat16", "float16"], default=None,
+            help="stored scales (default: float32 for int8, bfloat16 for int4)"),
+        arg("--calibration", default=None, metavar="FILE", help="awq/gptq: text or JSONL to calibrate on"),
+        arg("--samples", type=int, default=32, help="awq/gptq: calibration sequences of 256 tokens"),
     ]),
     "lora merge": (lora_merge, [
         arg("base"),

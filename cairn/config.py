@@ -330,3 +330,16 @@ class EngineConfig:
     """torch CPU threads; None leaves torch's default."""
     max_queue: int = 1024
     """Requests allowed to wait for a slot before submit refuses more."""
+    kv_memory: int | None = None
+    """Bytes for the KV cache (all layers); None: what the device has left after the weights (on CPU, half of the
+    available memory), at most what max_seqs sequences of max_context positions need. On CPU only the blocks in use
+    are backed by memory."""
+    block_size: int = 16
+    """Positions per KV-cache block."""
+    prefix_caching: bool = True
+    """Keep the blocks of computed prompt prefixes and reuse them for later requests that start the same way."""
+    draft: str | None = None
+    """Speculative decoding of greedy requests: 'ngram' proposes the tokens that followed the latest earlier
+    occurrence of the last few tokens (prompt lookup) and the model verifies them in one forward; None: off."""
+    draft_max: int = 8
+    """Most tokens proposed at once (the number adapts to how often proposals are accepted)."""

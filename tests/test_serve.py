@@ -339,7 +339,9 @@ def test_developer_role_is_the_system_role(default_system_llm):
             return r.json()
 
         dev, system = ask("developer"), ask("system")
-        assert dev["usage"] == system["usage"] and dev["usage"]["prompt_tokens"] == len(rendered("system"))
+        same = ("prompt_tokens", "completion_tokens", "total_tokens")  # the second may find the prompt cached
+        assert [dev["usage"][k] for k in same] == [system["usage"][k] for k in same]
+        assert dev["usage"]["prompt_tokens"] == len(rendered("system"))
         assert dev["choices"][0]["message"] == system["choices"][0]["message"]
 
 

@@ -19,12 +19,14 @@ from pathlib import Path
 import torch
 
 from cairn.config import EngineConfig, ModelConfig, SamplingParams
+from cairn.engine.blocks import blocks_for
 from cairn.engine.engine import Completion, Engine, Event, QueueFullError, TokenLogprob
 from cairn.engine.runner import LocalRunner, Runner
 from cairn.engine.sampling import top_logprobs
 from cairn.errors import CairnError, EngineClosedError, GenerationError, UserError
 from cairn.models.checkpoint import load_stage
 from cairn.models.device import torch_device
+from cairn.models.llama import TORCH_DTYPES
 from cairn.models.tokenizer import Tokenizer
 
 __all__ = ["LLM", "RequestHandle", "QueueFullError", "load_generation_eos"]
@@ -44,10 +46,13 @@ class RequestHandle:
         self.done = False
         self.started = time.perf_counter()
         self.first_token_at: float | None = None
+        self.cached_tokens = 0
+        """Prompt tokens served from the prefix cache (known once the request has been admitted)."""
 
     def _deliver(self, ev: Event) -> None:  # engine thread
         if self.first_token_at is None and ev.token_id is not None:
             self.first_token_at = time.perf_counter()
+        self.cached_tokens = ev.cached_tokens
         with self._lock:
             if self._loop is None:
                 self._q.put(ev)
@@ -108,6 +113,7 @@ def _collect(h: RequestHandle, events: list[Event]) -> Completion:
         logprobs=[e.logprob for e in events if e.logprob is not None],
         time_to_first_token=None if h.first_token_at is None else h.first_token_at - h.started,
         total_time=time.perf_counter() - h.started,
+        cached_tokens=last.cached_tokens,
     )
 
 
@@ -122,6 +128,40 @@ def load_generation_eos(model_dir: Path, cfg: ModelConfig) -> tuple[int, ...]:
             raise UserError(f"{path} is not valid JSON: {e}") from None
         ids += eos if isinstance(eos, list) else ([] if eos is None else [eos])
     return tuple(dict.fromkeys(int(i) for i in ids))
+
+
+def kv_blocks(cfg: ModelConfig, config: EngineConfig, dtype: str, max_context: int, free_bytes: int | None) -> int:
+    """KV blocks for a local runner: --kv-memory's worth, or by default what the device has free (`free_bytes`,
+    None when unknown) capped at max_seqs sequences of max_context positions. A UserError when the memory given
+    holds no block."""
+    bs = config.block_size
+    if bs < 1:
+        raise UserError(f"block_size must be at least 1, got {bs}", param="block_size")
+    per_block = 2 * cfg.num_layers * cfg.kv_size * bs * torch.finfo(TORCH_DTYPES[dtype]).bits // 8
+    if config.kv_memory is not None:
+        if config.kv_memory < per_block:
+            raise UserError(f"kv_memory of {config.kv_memory} bytes holds no KV block ({per_block} bytes for "
+                            f"{bs} positions of this model); give at least that", param="kv_memory")
+        return config.kv_memory // per_block
+    cap = config.max_seqs * blocks_for(max_context, bs)
+    if free_bytes is None:
+        return cap
+    return max(blocks_for(max_context, bs), min(cap, free_bytes // per_block))  # at least one whole context
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes the KV cache may take by default: 90% of a GPU's free memory, half of a machine's available memory on
+    CPU (where blocks are backed only once used); None when unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0] * 0.9)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 // 2
+    except OSError:
+        pass
+    return None
 
 
 def resolve_dtype(cfg: ModelConfig, config: EngineConfig) -> str:
@@ -146,11 +186,16 @@ class LLM:
         self.dtype = resolve_dtype(cfg, config)
         max_context = min(cfg.max_position_embeddings, config.max_context or 4096)
         if runner is None:
-            stage = load_stage(self.model_dir, cfg, dtype=self.dtype, device=torch_device(config.device))
-            runner = LocalRunner([stage], config.max_seqs, max_context)
+            device = torch_device(config.device)
+            stage = load_stage(self.model_dir, cfg, dtype=self.dtype, device=device)
+            blocks = kv_blocks(cfg, config, self.dtype, max_context, free_memory(device))
+            runner = LocalRunner([stage], config.max_seqs, max_context, num_blocks=blocks,
+                                 block_size=config.block_size)
         self.runner = runner
         self.engine = Engine(runner, self.tokenizer, load_generation_eos(self.model_dir, cfg),
-                             config.max_batch_tokens, config.max_queue, cfg.vocab_size)
+                             config.max_batch_tokens, config.max_queue, cfg.vocab_size,
+                             prefix_caching=config.prefix_caching, window=cfg.sliding_window,
+                             draft=config.draft, draft_max=config.draft_max)
         self.load_time = time.perf_counter() - t0
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._submit_lock = threading.Lock()
@@ -240,6 +285,20 @@ class LLM:
     # ----- state for metrics and health
     def stats(self) -> dict:
         return {"waiting": len(self.engine.waiting) + self._pending, "running": len(self.engine.running)}
+
+    def kv_stats(self) -> dict:
+        """KV-cache blocks (total, used, cached prefixes nobody uses now, free), their size, preemptions so far, and
+        prompt tokens admitted / served from the prefix cache. Read from any thread (a snapshot, not atomic)."""
+        e = self.engine
+        st = e.blocks.stats()
+        out = {"blocks_total": st.total, "blocks_used": st.used, "blocks_cached": st.cached, "blocks_free": st.free,
+               "block_size": e.blocks.block_size, "preemptions": e.preemptions, "prompt_tokens": e.prompt_tokens,
+               "cached_prompt_tokens": e.cached_tokens, "draft_proposed": e.draft_proposed,
+               "draft_accepted": e.draft_accepted}
+        kv_bytes = getattr(self.runner, "kv_bytes", None)
+        if kv_bytes is not None:
+            out["block_bytes"], out["bytes_touched"] = kv_bytes()
+        return out
 
     def close(self) -> None:
         if self._closed:

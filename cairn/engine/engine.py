@@ -1,7 +1,11 @@
 """Continuous batching over a Runner.
 
 Each step packs every decoding sequence's next token plus prompt chunks of new sequences (up to a token budget)
-into one forward; finished or cancelled sequences give back their KV slot at once and waiting ones take it.
+into one forward; finished or cancelled sequences give back their slot and KV blocks at once and waiting ones take
+them. A sequence gets KV blocks as it grows (blocks.py); a waiting one is admitted when a slot and the blocks for
+its prompt are free (sharing the cached blocks of a prompt prefix computed before). When a running sequence needs a
+block and none is left, newer sequences are preempted (their blocks given back; they wait, then recompute what
+they had, which the prefix cache often still holds) and resumed later with the same output.
 The runner chooses the tokens (sampling runs where the logits are); the engine tells it how, per row. A runner
 that keeps `depth` > 1 steps in flight (a pipeline) gets the running sequences split into that many groups, each
 stepped while the others are still in the pipeline.
@@ -14,13 +18,15 @@ import itertools
 import random
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from cairn.config import SamplingParams
+from cairn.engine.blocks import BlockAllocator, BlockStats, blocks_for, preemption_victims
 from cairn.engine.detok import TextStream
-from cairn.engine.runner import Chunk, Runner
+from cairn.engine.runner import BLOCK_SIZE, Chunk, Runner
 from cairn.engine.sampling import GREEDY, Choice, RowSampling
+from cairn.engine.speculate import DraftState, NgramIndex, adapt
 from cairn.errors import CairnError, ContextLengthError, UserError
 from cairn.models.tokenizer import Tokenizer
 from cairn.types import FinishReason
@@ -49,6 +55,8 @@ class Event:
     error: Exception | None = None
     """Why the request failed (finish_reason "error"): a typed error, e.g. CapacityError when the devices that
     held the model are gone, EngineClosedError at shutdown; anything else is a bug or a device failure."""
+    cached_tokens: int = 0
+    """Prompt tokens whose keys and values came from the prefix cache instead of being computed."""
 
 
 @dataclass
@@ -63,6 +71,8 @@ class Completion:
     logprobs: list[TokenLogprob]
     time_to_first_token: float | None
     total_time: float
+    cached_tokens: int = 0
+    """Prompt tokens served from the prefix cache."""
 
 
 @dataclass(eq=False)
@@ -80,6 +90,9 @@ class Sequence:
     slot: int | None = None
     computed: int = 0  # tokens whose keys/values are in the cache
     in_flight: bool = False  # part of a step submitted and not yet collected
+    cached_tokens: int | None = None  # prompt tokens found in the prefix cache when first admitted
+    ngram: NgramIndex | None = None  # speculative decoding by prompt lookup: where its n-grams occurred
+    draft: DraftState = DraftState()
 
     @property
     def tokens(self) -> list[int]:
@@ -108,27 +121,46 @@ class _Step:
     handle: Any
     seqs: tuple[Sequence, ...]
     chunks: tuple[Chunk, ...]
+    drafted: tuple[int, ...]
+    """Draft tokens at the end of each chunk (0: none)."""
 
 
 class Engine:
     """Scheduler + sampler. Not thread-safe: one thread calls add/cancel/step."""
 
     def __init__(self, runner: Runner, tokenizer: Tokenizer, eos_ids: tuple[int, ...], max_batch_tokens: int = 256,
-                 max_queue: int = 1024, vocab_size: int | None = None):
+                 max_queue: int = 1024, vocab_size: int | None = None, prefix_caching: bool = True,
+                 window: int | None = None, draft: str | None = None, draft_max: int = 8):
+        if draft not in (None, "ngram"):
+            raise UserError(f"unknown draft {draft!r}: cairn drafts by prompt lookup ('ngram')", param="draft")
         self.runner, self.tokenizer = runner, tokenizer
         self.eos_ids = frozenset(eos_ids)
         self.max_batch_tokens = max(1, max_batch_tokens)
         self.max_queue = max_queue
         self.vocab_size = vocab_size
+        self.window = window  # sliding window: blocks wholly behind it are given back
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []  # hold a slot: prefilling or decoding
+        self.running: list[Sequence] = []  # hold a slot and blocks: prefilling or decoding; in admission order
         self.free_slots = list(range(runner.max_seqs))
         self.in_flight: deque[_Step] = deque()
         self._ids = itertools.count()
+        bs = getattr(runner, "block_size", BLOCK_SIZE)
+        num_blocks = getattr(runner, "num_blocks", None) or runner.max_seqs * blocks_for(runner.max_context, bs)
+        self.blocks = BlockAllocator(num_blocks, bs, caching=prefix_caching)
+        self._resets = getattr(runner, "resets", 0)
+        self.preemptions = 0
+        self.cached_tokens = 0  # prompt tokens served from the prefix cache, over all requests
+        self.prompt_tokens = 0  # prompt tokens admitted, over all requests
+        self.draft, self.draft_max = draft, max(1, draft_max)
+        self.draft_proposed = self.draft_accepted = 0  # speculative tokens, over all requests
 
     @property
     def max_context(self) -> int:
-        return self.runner.max_context
+        """Longest sequence: the runner's context, or what the whole KV pool holds if that is less."""
+        return min(self.runner.max_context, self.blocks.num_blocks * self.blocks.block_size)
+
+    def kv_stats(self) -> BlockStats:
+        return self.blocks.stats()
 
     def check(self, prompt: list[int], params: SamplingParams) -> int:
         """Validate a request; return its effective max_tokens. Raises UserError subclasses."""
@@ -162,8 +194,12 @@ class Engine:
         rid = request_id or f"req-{next(self._ids)}"
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids)
-        self.waiting.append(Sequence(rid, list(prompt), params, max_tokens, sink, TextStream(self.tokenizer, params.stop),
-                                     seed, stop_ids))
+        seq = Sequence(rid, list(prompt), params, max_tokens, sink, TextStream(self.tokenizer, params.stop), seed,
+                       stop_ids)
+        if self.draft == "ngram" and params.logprobs is None:  # a draft's tokens carry no logprobs
+            seq.ngram = NgramIndex()
+            seq.ngram.extend(seq.prompt)
+        self.waiting.append(seq)
         return rid
 
     def cancel(self, request_id: str) -> bool:
@@ -179,10 +215,7 @@ class Engine:
     def step(self) -> None:
         """Admit waiting sequences into free slots, keep up to `runner.depth` steps in flight, collect the oldest
         and emit its tokens. With depth 1: one packed forward over every running sequence per call."""
-        while self.waiting and self.free_slots:
-            seq = self.waiting.popleft()
-            seq.slot = self.free_slots.pop(0)
-            self.running.append(seq)
+        self._admit()
         while len(self.in_flight) < max(1, self.runner.depth):
             step = self._submit()
             if step is None:
@@ -191,30 +224,104 @@ class Engine:
         if self.in_flight:
             self._complete(self.in_flight.popleft())
 
+    def _admit(self) -> None:
+        """Waiting sequences (oldest first) take a slot and the blocks for their tokens, sharing the cached blocks
+        of their longest cached prefix; one that does not fit yet waits, and so do those behind it."""
+        bs = self.blocks.block_size
+        while self.waiting and self.free_slots:
+            seq = self.waiting[0]
+            tokens = seq.tokens
+            prefix = self.blocks.match(tokens, (len(tokens) - 1) // bs)  # at least one token left to compute
+            # a block of headroom per running sequence, so that admitting does not force a preemption at once
+            if not self.blocks.admit(seq, prefix, len(tokens), reserve=len(self.running)):
+                break
+            self.waiting.popleft()
+            seq.slot = self.free_slots.pop(0)
+            seq.computed = len(prefix) * bs
+            if seq.cached_tokens is None:  # first admission (not a resumption after preemption)
+                seq.cached_tokens = min(seq.computed, len(seq.prompt))
+                self.cached_tokens += seq.cached_tokens
+                self.prompt_tokens += len(seq.prompt)
+            self.running.append(seq)
+
+    def _grow(self, seq: Sequence, n_tokens: int, busy: set) -> bool:
+        """Blocks for n_tokens positions of `seq`, preempting newer sequences (or `seq` itself) when none are left;
+        False when `seq` cannot run this step. Sequences in `busy` (in flight or scheduled) are not preempted."""
+        while not self.blocks.grow(seq, n_tokens):
+            need = blocks_for(n_tokens, self.blocks.block_size) - len(self.blocks.table(seq))
+            running = [(s, self.blocks.reclaimable(s), s not in busy) for s in self.running]
+            victims = preemption_victims(need, self.blocks.available, running, seq)
+            if not victims:
+                return False
+            for v in victims:
+                self._preempt(v)
+            if seq not in self.running:
+                return False
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Give back `seq`'s slot and blocks and put it first in line; it recomputes its tokens when readmitted."""
+        self.running.remove(seq)
+        self._free_slot(seq)
+        seq.computed = 0
+        self.waiting.appendleft(seq)
+        self.preemptions += 1
+
     def _submit(self) -> _Step | None:
         """Schedule the sequences not in flight (at most 1/depth of the running ones) into one step and submit it."""
         group = -(-len(self.running) // max(1, self.runner.depth))  # ceil: sequences per step
-        ready = [s for s in self.running if not s.in_flight]
-        decode = sorted((s for s in ready if s.computed == len(s.tokens) - 1 and s.output), key=lambda s: s.slot)
-        decode = decode[:group]
+        busy = {s for s in self.running if s.in_flight}
+        decode = sorted((s for s in self.running if s not in busy and s.output and s.computed == len(s.tokens) - 1),
+                        key=lambda s: s.slot)[:group]
         budget = self.max_batch_tokens - len(decode)
-        chunks = [Chunk(s.slot, s.computed, (s.tokens[-1],)) for s in decode]
-        scheduled = list(decode)
-        for s in ready:
-            if s.output or budget <= 0 or len(scheduled) >= group:
+        drafts: dict[Sequence, tuple[int, ...]] = {}
+        for s in sorted(decode, key=self.running.index):  # oldest first: they may preempt newer ones for a block
+            if s not in self.running:
                 continue
-            n = min(budget, len(s.prompt) - s.computed)
-            chunks.append(Chunk(s.slot, s.computed, tuple(s.prompt[s.computed : s.computed + n])))
+            d = self._propose(s, budget, len(decode))
+            if d and self.blocks.grow(s, s.computed + 1 + len(d)):
+                drafts[s] = d
+                budget -= len(d)
+            elif not self._grow(s, s.computed + 1, busy):
+                busy.add(s)  # waits for a block (or was preempted)
+        decode = [s for s in decode if s in self.running and s not in busy]
+        busy.update(decode)
+        decode.sort(key=lambda s: s in drafts)  # single-token chunks first, then those with a draft
+        chunks = [Chunk(s.slot, s.computed, (s.tokens[-1], *drafts.get(s, ())), tuple(self.blocks.table(s)))
+                  for s in decode]
+        rows = [replace(s.row(), draft=drafts[s]) if s in drafts else s.row() for s in decode]
+        scheduled = list(decode)
+        for s in self.running:
+            if s in busy or budget <= 0 or len(scheduled) >= group:
+                continue
+            tokens = s.tokens
+            if s.output and s.computed == len(tokens) - 1:
+                continue  # decoding, but not in this step's group
+            n = min(budget, len(tokens) - s.computed)
+            chunks.append(Chunk(s.slot, s.computed, tuple(tokens[s.computed : s.computed + n]),
+                                tuple(self.blocks.table(s))))
+            # a token is due after a chunk that reaches the end of what the sequence has
+            rows.append(s.row() if s.computed + n == len(tokens) else None)
             scheduled.append(s)
             budget -= n
         if not chunks:
             return None
-        # a token is due after a chunk that reaches the end of what the sequence has (decode, or the prompt's end)
-        rows = [s.row() if c.start + len(c.tokens) == len(s.tokens) else None for s, c in zip(scheduled, chunks)]
         handle = self.runner.submit(chunks, rows)
         for s in scheduled:
             s.in_flight = True
-        return _Step(handle, tuple(scheduled), tuple(chunks))
+        return _Step(handle, tuple(scheduled), tuple(chunks), tuple(len(drafts.get(s, ())) for s in scheduled))
+
+    def _propose(self, seq: Sequence, budget: int, decoding: int) -> tuple[int, ...]:
+        """Draft tokens for a decoding sequence (speculative decoding), within the step's token budget, its
+        max_tokens and the context, and only while blocks are plentiful (a draft never causes a preemption)."""
+        if seq.ngram is None or seq.draft.pause:
+            return ()
+        room = min(seq.max_tokens - len(seq.output), self.max_context - len(seq.tokens), budget + 1) - 1
+        d = seq.ngram.propose(min(seq.draft.k, room))
+        if blocks_for(seq.computed + 1 + len(d), self.blocks.block_size) - len(self.blocks.table(seq)) + decoding \
+                > self.blocks.available:
+            return ()
+        return tuple(d)
 
     def _complete(self, step: _Step) -> None:
         try:
@@ -222,13 +329,32 @@ class Engine:
         finally:
             for seq in step.seqs:
                 seq.in_flight = False
-        for seq, chunk, choice in zip(step.seqs, step.chunks, choices):
+        resets = getattr(self.runner, "resets", 0)
+        if resets != self._resets:  # the runner rebuilt only the blocks live sequences hold
+            self._resets = resets
+            self.blocks.forget_cache()
+        for seq, chunk, choice, drafted in zip(step.seqs, step.chunks, choices, step.drafted):
             if seq not in self.running:  # finished (cancelled) while in flight: its slot can go now
                 self._free_slot(seq)
                 continue
-            seq.computed += len(chunk.tokens)
-            if choice is not None:  # prompt done (or decode step): a new token is due
+            then = choice.then if choice is not None else ()
+            seq.computed += len(chunk.tokens) - drafted + len(then)  # the last token and the accepted drafts
+            self.blocks.commit(seq, seq.tokens, seq.computed)
+            if self.window is not None:  # keys at positions <= computed - window are never attended to again
+                self.blocks.drop_before(seq, seq.computed - self.window + 1)
+            if seq.ngram is not None and seq.output:  # a decode step: adapt the draft length
+                seq.draft = adapt(seq.draft, drafted, len(then), self.draft_max)
+                self.draft_proposed += drafted
+                self.draft_accepted += len(then)
+            if choice is not None:  # prompt done (or decode step): a new token is due (more after a draft)
                 self._emit_token(seq, choice)
+                for token in then:
+                    if seq not in self.running:
+                        break
+                    self._emit_token(seq, Choice(token))
+        observe = getattr(self.runner, "observe_blocks", None)  # a pool shows block usage in `cairn pool status`
+        if observe is not None:
+            observe(self.blocks.stats())
 
     def _emit_token(self, seq: Sequence, choice: Choice) -> None:
         token = choice.token_id
@@ -236,6 +362,8 @@ class Engine:
         if seq.params.logprobs is not None:
             lp = TokenLogprob(token, choice.logprob, choice.top)
         seq.output.append(token)
+        if seq.ngram is not None:
+            seq.ngram.extend((token,))
         finish: FinishReason | None = None
         if token in seq.stop_ids:
             text, finish = "", "stop"
@@ -248,11 +376,11 @@ class Engine:
         if finish is not None:
             text += seq.stream.finish()
             self._release(seq)
-        seq.sink(Event(seq.id, token, text, lp, finish))
+        seq.sink(Event(seq.id, token, text, lp, finish, cached_tokens=seq.cached_tokens or 0))
 
     def _finish(self, seq: Sequence, reason: FinishReason, error: Exception | None = None) -> None:
         self._release(seq)
-        seq.sink(Event(seq.id, None, "", None, reason, error))
+        seq.sink(Event(seq.id, None, "", None, reason, error, cached_tokens=seq.cached_tokens or 0))
 
     def _release(self, seq: Sequence) -> None:
         if seq in self.running:
@@ -263,6 +391,7 @@ class Engine:
             self._free_slot(seq)
 
     def _free_slot(self, seq: Sequence) -> None:
+        self.blocks.release(seq)
         if seq.slot is not None:
             self.runner.free(seq.slot)
             self.free_slots.append(seq.slot)

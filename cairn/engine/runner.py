@@ -17,18 +17,29 @@ import torch
 import torch.nn.functional as F
 
 from cairn.config import ModelConfig
+from cairn.engine.blocks import blocks_for
 from cairn.engine.fast import pack_linears
-from cairn.engine.sampling import Choice, RowSampling, choose, target_logprobs
+from cairn.engine.sampling import Choice, RowSampling, choose, logit_counts, target_logprobs
 from cairn.models.llama import CausalContext, LlamaStage, rotary_tables
+
+
+BLOCK_SIZE = 16
+"""Positions per KV block (the default)."""
 
 
 @dataclass(frozen=True)
 class Chunk:
-    """New tokens of one sequence: they sit at positions [start, start + len(tokens)) of cache slot `slot`."""
+    """New tokens of one sequence: they sit at positions [start, start + len(tokens)) of the sequence in cache
+    slot `slot`, whose keys and values live in the KV blocks `blocks` (its block table: block i holds positions
+    [i * block_size, (i + 1) * block_size); NO_BLOCK for blocks given back outside a sliding window).
+
+    Without a table (None) the slot uses a fixed range of blocks counted down from the top of the pool, as if each
+    slot had a whole context to itself: for inspection and tests, not beside an engine that hands out blocks."""
 
     slot: int
     start: int
     tokens: tuple[int, ...]
+    blocks: tuple[int, ...] | None = None
 
 
 class Runner(Protocol):
@@ -36,13 +47,24 @@ class Runner(Protocol):
 
     max_seqs: int
     max_context: int
+    num_blocks: int
+    """KV blocks in the pool (the engine hands them out; the chunks carry the tables)."""
+    block_size: int
+    """Positions per KV block."""
+    resets: int
+    """How many times the runner lost the contents of its blocks and rebuilt only those of live slots (a pool
+    re-placed after a failure): blocks nobody held at that moment hold nothing any more."""
     depth: int
     """How many steps may be in flight at once (submitted, not yet collected); steps in flight at the same time
     never share a slot."""
 
     def submit(self, chunks: list[Chunk], rows: list[RowSampling | None]) -> Any:
-        """Start a step: run the chunks and choose a token for each chunk whose row is not None. Returns a handle
-        for `collect`."""
+        """Start a step: run the chunks and choose a token for each chunk whose row is not None (a row with a
+        draft verifies the chunk's last len(draft) tokens: see sampling.verify). Returns a handle for `collect`."""
+        ...
+
+    def observe_blocks(self, blocks: Any) -> None:
+        """Optional: the engine's KV block usage (blocks.BlockStats) after each step, for a runner to show."""
         ...
 
     def collect(self, handle: Any) -> list[Choice | None]:
@@ -67,80 +89,142 @@ class Runner(Protocol):
 
 
 class KVCache:
-    """Keys and values of layers [range) for `max_seqs` slots of `max_context` positions each.
+    """Keys and values of layers [range) in a pool of `num_blocks` blocks of `block_size` positions:
+    (num_blocks, block_size, nkv, hd) per layer, shared by every sequence through its block table.
 
-    Zero-filled: a masked-out position still enters attention as 0 x value, so it must never hold NaN garbage.
-    (Stale values from a slot's previous sequence are finite and masked, which is harmless.)"""
+    On CPU the pool is allocated empty, and the OS backs a page only when it is first written, so the memory held
+    grows with the blocks in use (up to the high-water mark), not with the pool's size. A block is zero-filled the
+    first time a step uses it: a masked-out position still enters attention as 0 x value, so it must never hold NaN
+    garbage (stale values from a block's earlier sequence are finite and masked, which is harmless)."""
 
-    def __init__(self, cfg: ModelConfig, stage: LlamaStage, max_seqs: int, max_context: int, dtype, device):
-        shape = (max_seqs, cfg.num_kv_heads, max_context, cfg.head_dim)
+    def __init__(self, cfg: ModelConfig, stage: LlamaStage, num_blocks: int, block_size: int, max_context: int,
+                 dtype, device):
+        device = torch.device(device)
+        shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        make = torch.empty if device.type == "cpu" else torch.zeros
         self.first_layer = stage.range.start
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in stage.range]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in stage.range]
+        self.k = [make(shape, dtype=dtype, device=device) for _ in stage.range]
+        self.v = [make(shape, dtype=dtype, device=device) for _ in stage.range]
+        self.num_blocks, self.block_size, self.max_context = num_blocks, block_size, max_context
+        self.clean = torch.full((num_blocks,), device.type != "cpu", dtype=torch.bool)  # zero-filled or written
+        self.block_bytes = 2 * len(self.k) * block_size * cfg.num_kv_heads * cfg.head_dim * self.k[0].element_size() \
+            if self.k else 0
+        """Bytes one block takes over this stage's layers (keys and values)."""
+
+    def touched_blocks(self) -> int:
+        """Blocks that have been used at least once (on CPU, what the OS has had to back)."""
+        return int(self.clean.sum())
+
+    def prepare(self, blocks: set[int]) -> None:
+        """Zero-fill the blocks among `blocks` that were never used."""
+        ids = torch.tensor(sorted(blocks), dtype=torch.long)
+        new = ids[~self.clean[ids]] if len(ids) else ids
+        if len(new):
+            dev = new.to(self.k[0].device) if self.k else new
+            for t in self.k + self.v:
+                t[dev] = 0
+            self.clean[new] = True
+
+    def dense_table(self, slot: int, n_blocks: int) -> tuple[int, ...]:
+        """The fixed blocks of `slot` for a chunk without a table: slot s owns a whole context's worth, counted
+        down from the top of the pool."""
+        per_slot = -(-self.max_context // self.block_size)
+        if (slot + 1) * per_slot > self.num_blocks or n_blocks > per_slot:
+            raise ValueError(f"slot {slot} has no fixed blocks in a pool of {self.num_blocks}: give the chunk a "
+                             "block table")
+        return tuple(self.num_blocks - 1 - (slot * per_slot + i) for i in range(n_blocks))
 
 
 class PackedContext:
-    """Attention for one packed step: writes the step's keys/values into the cache, then attends per group."""
+    """Attention for one packed step: writes the step's keys/values into their blocks, then attends per group.
+
+    Decoding sequences (the leading single-token chunks) attend together: their blocks are gathered into one
+    (B, nkv, S, hd) batch. A prefill chunk attends to its own fresh keys/values plus those of earlier positions
+    gathered from its blocks (only the window's, for a sliding-window model)."""
 
     def __init__(self, cache: KVCache, chunks: list[Chunk], cos: torch.Tensor, sin: torch.Tensor, window: int | None):
         device = cos.device
-        self.cache = cache
-        positions, slots = [], []
-        for c in chunks:
-            positions.extend(range(c.start, c.start + len(c.tokens)))
-            slots.extend([c.slot] * len(c.tokens))
+        self.cache, bs = cache, cache.block_size
+        tables = [c.blocks if c.blocks is not None else cache.dense_table(c.slot, -(-(c.start + len(c.tokens)) // bs))
+                  for c in chunks]
+        positions, where = [], []
+        for c, t in zip(chunks, tables):
+            for p in range(c.start, c.start + len(c.tokens)):
+                positions.append(p)
+                where.append(t[p // bs] * bs + p % bs if t[p // bs] >= 0 else -1)
+        # a step reads only blocks written before or in this step: zero-fill those it writes for the first time
+        cache.prepare({w // bs for w in where if w >= 0})
         self.pos = torch.tensor(positions, device=device)  # (N,)
-        self.slot = torch.tensor(slots, device=device)  # (N,)
         self.cos, self.sin = cos[self.pos][:, None, :], sin[self.pos][:, None, :]  # (N, 1, hd)
+        keep = [i for i, w in enumerate(where) if w >= 0]  # a replay may pass positions outside the window
+        self.write_rows = None if len(keep) == len(where) else torch.tensor(keep, dtype=torch.long, device=device)
+        self.write_at = torch.tensor([w for w in where if w >= 0], dtype=torch.long, device=device)  # (N',)
         # Decode group: the leading single-token chunks, attended in one batched call.
         n_dec = 0
         while n_dec < len(chunks) and len(chunks[n_dec].tokens) == 1:
             n_dec += 1
         self.n_dec = n_dec
-        self.dec_slots: slice | torch.Tensor | None = None
-        self.dec_mask = None
         if n_dec:
-            dslots = [c.slot for c in chunks[:n_dec]]
-            ends = torch.tensor([c.start for c in chunks[:n_dec]], device=device)  # (B,) last position
-            self.dec_len = int(ends.max()) + 1
-            contiguous = dslots == list(range(dslots[0], dslots[0] + n_dec))
-            self.dec_slots = slice(dslots[0], dslots[0] + n_dec) if contiguous else self.slot[:n_dec]
-            key = torch.arange(self.dec_len, device=device)[None, :]  # (1, S)
-            if bool((ends != ends[0]).any()) or window is not None:
-                allowed = key <= ends[:, None]  # (B, S)
+            ends = [c.start for c in chunks[:n_dec]]  # each one's query position
+            lo = min(max(0, e - window + 1) for e in ends) // bs if window is not None else 0  # first block needed
+            hi = max(ends) // bs + 1
+            rows = []
+            for e, t in zip(ends, tables):
+                own = t[e // bs]  # a real block (finite values) for entries this sequence does not have
+                rows.append([t[j] if j <= e // bs and t[j] >= 0 else own for j in range(lo, hi)])
+            self.dec_blocks = torch.tensor(rows, dtype=torch.long, device=device).flatten()  # (B * nb,)
+            self.dec_first = lo * bs  # position of the first gathered key
+            self.dec_len = max(ends) + 1 - lo * bs  # S
+            self.dec_mask = None
+            if len(set(ends)) > 1 or window is not None:
+                key = self.dec_first + torch.arange(self.dec_len, device=device)[None, :]  # (1, S)
+                end = torch.tensor(ends, device=device)[:, None]  # (B, 1)
+                allowed = key <= end  # (B, S)
                 if window is not None:
-                    allowed &= key > ends[:, None] - window
+                    allowed &= key > end - window
                 self.dec_mask = allowed[:, None, None, :]  # (B, 1, 1, S)
-        # Prefill chunks: one attention call each, over the cache up to the chunk's end.
+        # Prefill chunks: one attention call each, over their past (from the blocks) and their own new keys.
         self.prefills = []
         offset = n_dec
-        for c in chunks[n_dec:]:
+        for c, t in zip(chunks[n_dec:], tables[n_dec:]):
             T, end = len(c.tokens), c.start + len(c.tokens)
+            first = (max(0, c.start - window + 1) if window is not None else 0) // bs * bs  # first past key kept
+            past = None
+            if c.start > 0:
+                past = torch.tensor(t[first // bs : -(-c.start // bs)], dtype=torch.long, device=device)
             mask = None
             if c.start > 0 or window is not None:
                 q_pos = torch.arange(c.start, end, device=device)[:, None]  # (T, 1)
-                key = torch.arange(end, device=device)[None, :]  # (1, end)
+                key = torch.arange(first if past is not None else c.start, end, device=device)[None, :]  # (1, K)
                 mask = key <= q_pos
                 if window is not None:
                     mask &= key > q_pos - window
-            self.prefills.append((offset, offset + T, c.slot, end, mask))
+            self.prefills.append((offset, offset + T, past, c.start - first, mask))
             offset += T
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q (N, nh, hd), k/v (N, nkv, hd) -> (N, nh * hd)."""
         kc, vc = self.cache.k[layer - self.cache.first_layer], self.cache.v[layer - self.cache.first_layer]
-        kc[self.slot, :, self.pos] = k  # cache (slots, nkv, ctx, hd) <- (N, nkv, hd)
-        vc[self.slot, :, self.pos] = v
+        nkv, hd = kc.shape[2], kc.shape[3]
+        kw, vw = (k, v) if self.write_rows is None else (k[self.write_rows], v[self.write_rows])
+        kc.view(-1, nkv, hd).index_copy_(0, self.write_at, kw)  # pool (blocks * bs, nkv, hd) <- (N', nkv, hd)
+        vc.view(-1, nkv, hd).index_copy_(0, self.write_at, vw)
+        kb, vb = kc.view(kc.shape[0], -1), vc.view(vc.shape[0], -1)  # (blocks, bs * nkv * hd): a row per block
         outs = []
         if self.n_dec:
-            qd = q[: self.n_dec].unsqueeze(2)  # (B, nh, 1, hd)
-            kd = kc[self.dec_slots, :, : self.dec_len]  # (B, nkv, S, hd)
-            vd = vc[self.dec_slots, :, : self.dec_len]
+            B, S = self.n_dec, self.dec_len
+            qd = q[:B].unsqueeze(2)  # (B, nh, 1, hd)
+            kd = kb.index_select(0, self.dec_blocks).view(B, -1, nkv, hd)[:, :S].transpose(1, 2)  # (B, nkv, S, hd)
+            vd = vb.index_select(0, self.dec_blocks).view(B, -1, nkv, hd)[:, :S].transpose(1, 2)
             o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=self.dec_mask, enable_gqa=True)
-            outs.append(o.view(self.n_dec, -1))  # (B, nh * hd)
-        for a, b, slot, end, mask in self.prefills:
+            outs.append(o.view(B, -1))  # (B, nh * hd)
+        for a, b, past, n_past, mask in self.prefills:
+            kp, vp = k[a:b], v[a:b]  # (T, nkv, hd)
+            if past is not None:
+                kp = torch.cat([kb.index_select(0, past).view(-1, nkv, hd)[:n_past], kp])  # (P + T, nkv, hd)
+                vp = torch.cat([vb.index_select(0, past).view(-1, nkv, hd)[:n_past], vp])
             qp = q[a:b].transpose(0, 1).unsqueeze(0)  # (1, nh, T, hd)
-            kp, vp = kc[slot : slot + 1, :, :end], vc[slot : slot + 1, :, :end]  # (1, nkv, end, hd)
+            kp, vp = kp.transpose(0, 1).unsqueeze(0), vp.transpose(0, 1).unsqueeze(0)  # (1, nkv, P + T, hd)
             o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
             outs.append(o[0].transpose(0, 1).reshape(b - a, -1))  # (T, nh * hd)
         return outs[0] if len(outs) == 1 else torch.cat(outs, 0)
@@ -150,38 +234,58 @@ class StageExecutor:
     """One stage with its KV cache and rotary tables: runs that stage's part of a packed step. Both runners are
     made of these: LocalRunner chains them in this process, a pool stage actor holds one."""
 
-    def __init__(self, stage: LlamaStage, max_seqs: int, max_context: int, fast: bool = True):
+    def __init__(self, stage: LlamaStage, max_seqs: int, max_context: int, fast: bool = True,
+                 num_blocks: int | None = None, block_size: int = BLOCK_SIZE):
         w = next(stage.parameters())
         self.device, self.dtype = w.device, w.dtype
         if fast:
             pack_linears(stage)
         self.stage, self.cfg = stage, stage.cfg
-        self.cache = KVCache(self.cfg, stage, max_seqs, max_context, self.dtype, self.device)
+        if num_blocks is None:  # every slot a whole context (allocated lazily on CPU)
+            num_blocks = max_seqs * blocks_for(max_context, block_size)
+        self.cache = KVCache(self.cfg, stage, num_blocks, block_size, max_context, self.dtype, self.device)
         self.cos, self.sin = rotary_tables(self.cfg, max_context, self.device)
 
     @torch.inference_mode()
-    def run(self, chunks: list[Chunk], x: torch.Tensor | None = None) -> torch.Tensor:
-        """Hidden states (N, D) after this stage, or logits (len(chunks), V) of each chunk's last token on the
-        last stage. The first stage takes its input from the chunks' tokens."""
+    def run(self, chunks: list[Chunk], x: torch.Tensor | None = None,
+            rows: list[RowSampling | None] | None = None) -> torch.Tensor:
+        """Hidden states (N, D) after this stage, or on the last stage logits of each chunk's last token, (or of its
+        last 1 + len(draft) tokens when its sampling row verifies a draft): (sum of those, V). The first stage
+        takes its input from the chunks' tokens."""
         if self.stage.is_first:
             x = torch.tensor([t for c in chunks for t in c.tokens], device=self.device)  # (N,)
         ctx = PackedContext(self.cache, chunks, self.cos, self.sin, self.cfg.sliding_window)
-        rows = torch.tensor(list(_last_rows(chunks)), device=self.device) if self.stage.is_last else None
-        return self.stage(x, ctx, logits_rows=rows)
+        last = None
+        if self.stage.is_last:
+            last = torch.tensor(list(_last_rows(chunks, logit_counts(rows, len(chunks)))), device=self.device)
+        return self.stage(x, ctx, logits_rows=last)
 
 
 class LocalRunner:
     """All stages in this process (the default: one machine, no services)."""
 
-    def __init__(self, stages: list[LlamaStage], max_seqs: int, max_context: int, fast: bool = True):
-        self.executors = [StageExecutor(s, max_seqs, max_context, fast) for s in stages]
+    def __init__(self, stages: list[LlamaStage], max_seqs: int, max_context: int, fast: bool = True,
+                 num_blocks: int | None = None, block_size: int = BLOCK_SIZE):
+        if num_blocks is None:
+            num_blocks = max_seqs * blocks_for(max_context, block_size)
+        self.executors = [StageExecutor(s, max_seqs, max_context, fast, num_blocks, block_size) for s in stages]
         self.stages = stages
         self.max_seqs, self.max_context = max_seqs, max_context
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.resets = 0  # this runner never loses its blocks
         self.depth = 1
+
+    def kv_bytes(self) -> tuple[int, int]:
+        """(bytes of one block over all layers, bytes of the blocks used so far): what the KV cache holds."""
+        per_block = sum(ex.cache.block_bytes for ex in self.executors)
+        return per_block, max((ex.cache.touched_blocks() for ex in self.executors), default=0) * per_block
 
     def submit(self, chunks: list[Chunk], rows: list[RowSampling | None]) -> list[Choice | None]:
         """Runs the step at once; the handle is its result."""
-        return choose(self.forward(chunks), rows)
+        x = None
+        for ex in self.executors:
+            x = ex.run(chunks, x, rows)
+        return choose(x, rows)
 
     def collect(self, handle: list[Choice | None]) -> list[Choice | None]:
         return handle
@@ -246,8 +350,8 @@ class LocalRunner:
         self.executors = []
 
 
-def _last_rows(chunks: list[Chunk]):
+def _last_rows(chunks: list[Chunk], counts: list[int]):
     n = 0
-    for c in chunks:
+    for c, k in zip(chunks, counts):
         n += len(c.tokens)
-        yield n - 1
+        yield from range(n - k, n)

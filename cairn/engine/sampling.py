@@ -7,10 +7,13 @@ the token being generated), never a generator's state, so a replayed or re-place
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
+
+from cairn.engine.speculate import accept_greedy
 
 NEG_INF = float("-inf")
 _MASK64 = (1 << 64) - 1
@@ -41,6 +44,10 @@ class RowSampling:
     """Return the chosen token's logprob and this many alternatives."""
     logit_bias: tuple[tuple[int, float], ...] = ()
     """(token id, bias) pairs added to the logits before everything else (OpenAI's logit_bias)."""
+    draft: tuple[int, ...] = ()
+    """Speculative decoding (rows without logprobs): tokens proposed after the chunk's last real token, which end
+    the chunk. Its last len(draft) + 1 positions get logits; the choice keeps the drafts the model would have
+    chosen itself and adds its own next token (Choice.then); see `verify`."""
 
     @property
     def greedy(self) -> bool:
@@ -50,7 +57,13 @@ class RowSampling:
     def plain_greedy(self) -> bool:
         """Argmax of the raw logits, nothing else asked: such rows are chosen together in one call."""
         return (self.greedy and self.logprobs is None and self.repetition_penalty == 1.0
-                and not self.presence_penalty and not self.frequency_penalty and not self.logit_bias)
+                and not self.presence_penalty and not self.frequency_penalty and not self.logit_bias
+                and not self.draft)
+
+    @property
+    def logit_rows(self) -> int:
+        """Positions at the end of the chunk whose logits this row needs."""
+        return 1 + len(self.draft)
 
 
 GREEDY = RowSampling()
@@ -64,6 +77,9 @@ class Choice:
     token_id: int
     logprob: float | None = None
     top: tuple[tuple[int, float], ...] = ()
+    then: tuple[int, ...] = ()
+    """Speculative decoding: the tokens chosen after token_id in the same step (the accepted drafts but the first,
+    and the model's own token after them)."""
 
 
 def apply_penalties(
@@ -169,20 +185,51 @@ def choose_row(logits: torch.Tensor, row: RowSampling) -> Choice:
     return Choice(token, float(logsm[token]), tuple(top_logprobs(logsm, row.logprobs)))
 
 
+def verify(logits: torch.Tensor, row: RowSampling) -> Choice:
+    """Speculative decoding: logits (len(draft) + 1, V) after the chunk's last real token and after each draft
+    token. Each position's token is chosen exactly as a plain step would choose it there (same filters, penalties
+    over the history with the drafts before it, same random draw for that position), and drafts are kept while
+    they equal those choices: the output is token for token the plain output, so its distribution is the model's.
+    (A drawn token equals a draft d with probability p(d): the standard acceptance rule for a one-token proposal.)"""
+    if row.plain_greedy or (row.greedy and not row.logit_bias and row.repetition_penalty == 1.0
+                            and not row.presence_penalty and not row.frequency_penalty):
+        emitted = accept_greedy(row.draft, logits.argmax(-1).tolist())
+        return Choice(emitted[0], then=tuple(emitted[1:]))
+    emitted = []
+    for i in range(len(row.draft) + 1):
+        before = row.draft[:i]
+        at = replace(row, draft=(), position=row.position + i, seen=row.seen + before if row.seen else (),
+                     generated=row.generated + before if row.presence_penalty or row.frequency_penalty else ())
+        emitted.append(choose_row(logits[i], at).token_id)
+        if i == len(row.draft) or emitted[-1] != row.draft[i]:
+            break
+    return Choice(emitted[0], then=tuple(emitted[1:]))
+
+
+def logit_counts(rows: Sequence[RowSampling | None] | None, n: int) -> list[int]:
+    """Logit rows each of n chunks needs at its end: 1, or 1 + its draft's length."""
+    return [1] * n if rows is None else [1 if r is None else r.logit_rows for r in rows]
+
+
 def choose(logits: torch.Tensor, rows: Sequence[RowSampling | None]) -> list[Choice | None]:
-    """One choice per row of logits (R, V); None where the row is None (no token is due, e.g. mid-prompt).
-    Plain greedy rows are chosen with one batched argmax."""
-    if len(rows) != logits.shape[0]:
-        raise ValueError(f"{len(rows)} sampling rows for {logits.shape[0]} rows of logits")
+    """One choice per sampling row; None where the row is None (no token is due, e.g. mid-prompt). `logits` has
+    each row's `logit_rows` rows in turn (one, or one per verified draft token + 1). Plain greedy rows are chosen
+    with one batched argmax; drafted rows keep the drafts their argmaxes agree with (speculate.accept_greedy)."""
+    counts = logit_counts(rows, len(rows))
+    if sum(counts) != logits.shape[0]:
+        raise ValueError(f"{len(rows)} sampling rows for {logits.shape[0]} rows of logits (they need {sum(counts)})")
     logits = logits.cpu()
+    ends = list(itertools.accumulate(counts))  # row i's (last) logits are at ends[i] - 1
     out: list[Choice | None] = [None] * len(rows)
     plain = [i for i, r in enumerate(rows) if r is not None and r.plain_greedy]
     if plain:
-        for i, t in zip(plain, logits[plain].argmax(-1).tolist()):
+        for i, t in zip(plain, logits[[ends[i] - 1 for i in plain]].argmax(-1).tolist()):
             out[i] = Choice(t)
     for i, r in enumerate(rows):
-        if r is not None and not r.plain_greedy:
-            out[i] = choose_row(logits[i], r)
+        if r is not None and r.draft:
+            out[i] = verify(logits[ends[i] - counts[i] : ends[i]], r)
+        elif r is not None and not r.plain_greedy:
+            out[i] = choose_row(logits[ends[i] - 1], r)
     return out
 
 
@@ -194,20 +241,22 @@ def top_logprobs(logprobs: torch.Tensor, k: int) -> list[tuple[int, float]]:
     return list(zip(ids.tolist(), vals.tolist()))
 
 
-ChoiceReply = tuple[list[int], dict[int, tuple[float, tuple]]]
+ChoiceReply = tuple  # (ids, {row: (logprob, top)}) or (ids, {row: (logprob, top)}, {row: then})
 
 
 def encode_choices(choices: list[Choice | None]) -> ChoiceReply:
     """A step's choices made small for the wire: one token id per row (-1 where none was due), plus the logprobs
-    of the rows that asked for them, by row. Token ids only, never logits."""
+    of the rows that asked for them, by row, and (only when a row verified drafts) the tokens chosen after the
+    first, by row. Token ids only, never logits."""
     ids = [-1 if c is None else c.token_id for c in choices]
     extra = {i: (c.logprob, c.top) for i, c in enumerate(choices) if c is not None and c.logprob is not None}
-    return ids, extra
+    then = {i: c.then for i, c in enumerate(choices) if c is not None and c.then}
+    return (ids, extra, then) if then else (ids, extra)
 
 
 def decode_choices(reply: ChoiceReply) -> list[Choice | None]:
-    ids, extra = reply
-    return [None if t < 0 else Choice(t, *extra[i]) if i in extra else Choice(t) for i, t in enumerate(ids)]
+    ids, extra, then = reply if len(reply) == 3 else (*reply, {})
+    return [None if t < 0 else Choice(t, *extra.get(i, (None, ())), then=then.get(i, ())) for i, t in enumerate(ids)]
 
 
 def target_logprobs(logits: torch.Tensor, tokens: list[int]) -> tuple[list[float], list[bool]]:

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from cairn.config import ModelConfig
 from cairn.errors import ModelLoadError
 from cairn.fsutil import atomic_write, atomic_write_json
+from cairn.models import quantized
 from cairn.models.llama import TORCH_DTYPES, LlamaStage
 from cairn.types import LayerRange
 
@@ -78,9 +79,10 @@ def _hf_names(cfg: ModelConfig, layers: LayerRange, first: bool, last: bool) -> 
 
 
 def stage_tensor_names(cfg: ModelConfig, layers: LayerRange) -> list[str]:
-    """HF tensor names a stage over `layers` needs (what to ship to a pool node that has no copy)."""
+    """HF tensor names a stage over `layers` needs (what to ship to a pool node that has no copy); a quantized
+    checkpoint's matrices are named by their stored parts (X.qweight, X.scales, X.zeros)."""
     names = _hf_names(cfg, layers, layers.start == 0, layers.end == cfg.num_layers)
-    return list(dict.fromkeys(n for srcs in names.values() for n in srcs))
+    return quantized.disk_names(cfg, list(dict.fromkeys(n for srcs in names.values() for n in srcs)))
 
 
 def read_tensors(model_dir: str | Path, names: list[str]) -> dict[str, torch.Tensor]:
@@ -112,13 +114,21 @@ def build_stage(
     device: str | torch.device = "cpu",
     source: str = "the checkpoint",
 ) -> LlamaStage:
-    """Build the stage for `layers` from HF-named tensors (fusing q/k/v and gate/up)."""
+    """Build the stage for `layers` from HF-named tensors (fusing q/k/v and gate/up). The matrices of a quantized
+    checkpoint become quantized modules packed for `device` (cairn/models/quantized.py)."""
     torch_dtype = TORCH_DTYPES[dtype or cfg.dtype]
     with torch.device("meta"):
         stage = LlamaStage(cfg, layers)
     expected = {k: tuple(v.shape) for k, v in stage.state_dict().items()}
     state: dict[str, torch.Tensor] = {}
+    qc, qweights = quantized.quant_config(cfg), {}
     for name, sources in _hf_names(cfg, layers, stage.is_first, stage.is_last).items():
+        if quantized.is_quantized(qc, sources[0]):
+            qweights[name] = quantized.gather(qc, sources, tensors, source)
+            if qweights[name].shape != expected[name]:
+                raise ModelLoadError(f"tensor {sources[0]!r} holds a quantized {qweights[name].shape} matrix, which "
+                                     f"does not match config.json (fused {name} expects {expected[name]})")
+            continue
         missing = [src for src in sources if src not in tensors]
         if missing:
             raise ModelLoadError(f"tensor {missing[0]!r} is missing from {source}")
@@ -132,6 +142,8 @@ def build_stage(
         state[name] = t.to(device=device, dtype=torch_dtype)
     stage.load_state_dict(state, strict=False, assign=True)
     stage.tie_weights()
+    if qweights:
+        quantized.install(stage, qweights, device, torch_dtype)
     missing = [n for n, p in stage.named_parameters() if p.is_meta]
     if missing:
         raise ModelLoadError(f"{source} gave no value for {missing[:3]}")
@@ -181,10 +193,18 @@ def save_checkpoint(
     if not (stage.is_first and stage.is_last):
         raise ValueError("save_checkpoint needs the whole model, not a partial stage")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in to_hf_state_dict(stage).items()}
     dtype = {v: k for k, v in TORCH_DTYPES.items()}[stage.embed_tokens.weight.dtype]
-    cfg = stage.cfg.with_dtype(dtype)
+    write_tensors(tensors, out_dir, max_shard_bytes=max_shard_bytes, metadata=metadata)
+    atomic_write_json(out_dir / "config.json", stage.cfg.with_dtype(dtype).to_hf_dict())
+
+
+def write_tensors(tensors: dict[str, torch.Tensor], out_dir: str | Path, *, max_shard_bytes: int = 2 * 1024**3,
+                  metadata: dict | None = None) -> None:
+    """HF-named tensors as model.safetensors (sharded with an index above max_shard_bytes), each file written
+    under a temporary name and renamed; stale shards of an earlier save are removed."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, t in tensors.items():
@@ -210,7 +230,6 @@ def save_checkpoint(
             "weight_map": {n: f for f, s in zip(names, shards) for n in s},
         }
         atomic_write_json(out_dir / INDEX_FILE, index)
-    atomic_write_json(out_dir / "config.json", cfg.to_hf_dict())
 
 
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",

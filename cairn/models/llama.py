@@ -115,15 +115,17 @@ class LlamaStage(nn.Module):
             raise ValueError(f"stage {layers} goes past the model's {cfg.num_layers} layers")
         self.cfg, self.range = cfg, layers
         self.is_first, self.is_last = layers.start == 0, layers.end == cfg.num_layers
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size) if self.is_first else None
+        # no default init (callers load or initialise every weight): normal_ on the meta device costs ~1 s once
+        empty = torch.empty(cfg.vocab_size, cfg.hidden_size) if self.is_first else None
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=empty) if self.is_first else None
         self.layers = nn.ModuleList(Block(cfg, i) for i in layers)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if self.is_last else None
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False) if self.is_last else None
         self.tie_weights()
 
     def tie_weights(self) -> None:
-        if self.cfg.tie_word_embeddings and self.is_first and self.is_last:
-            self.lm_head.weight = self.embed_tokens.weight
+        if self.cfg.tie_word_embeddings and self.is_first and self.is_last and isinstance(self.lm_head, nn.Linear):
+            self.lm_head.weight = self.embed_tokens.weight  # (a quantized stage shares its quantized weight instead)
 
     def forward(
         self, x: torch.Tensor, ctx: AttentionContext, logits_rows: torch.Tensor | slice | None = None

@@ -1,7 +1,7 @@
 """Placement: split a model's layers into contiguous stages over devices. A pure function over explicit inputs.
 
-Every stage must fit its device's memory budget (weights + KV cache for the configured context and concurrency
-+ activation workspace); among feasible splits we minimise the slowest stage's time per decode step, estimated
+Every stage must fit its device's memory budget (weights + the KV blocks budgeted for its layers + activation
+workspace); among feasible splits we minimise the slowest stage's time per decode step, estimated
 from each device's measured memory bandwidth and matmul throughput. Devices that would get no layer are left out.
 """
 
@@ -39,7 +39,7 @@ class ModelShape:
     layer_bytes: int
     """Weights of one block."""
     kv_bytes_per_layer: int
-    """KV cache of one block for the configured context x concurrency."""
+    """KV cache of one block (layer) that a stage must hold: the KV positions budgeted (see from_config)."""
     embed_bytes: int
     """Embedding matrix (first stage)."""
     head_bytes: int
@@ -52,14 +52,20 @@ class ModelShape:
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, dtype_bytes: int, max_context: int, max_seqs: int,
-                    max_batch_tokens: int = 256) -> "ModelShape":
+                    max_batch_tokens: int = 256, stored: dict[str, int] | None = None,
+                    kv_tokens: int | None = None) -> "ModelShape":
+        """`stored`: bytes of one block, the embedding and the head as a quantized checkpoint holds them
+        ({"layer", "embed", "head"}); None: parameters x dtype_bytes. `kv_tokens`: KV positions to budget, all
+        sequences together (a paged cache: e.g. one whole context, or what --kv-memory holds); None: max_seqs x
+        max_context (every sequence a whole context)."""
         d, f = cfg.hidden_size, cfg.intermediate_size
         layer_params = d * (cfg.q_size + 2 * cfg.kv_size) + cfg.q_size * d + 3 * d * f + 2 * d
-        kv = 2 * cfg.num_kv_heads * cfg.head_dim * max_context * max_seqs * dtype_bytes
+        kv = 2 * cfg.kv_size * (max_context * max_seqs if kv_tokens is None else kv_tokens) * dtype_bytes
         embed = cfg.vocab_size * d * dtype_bytes
         # workspace: the widest intermediate (qkv, gate/up, logits) for the largest step, fp32
         act = max_batch_tokens * max(2 * f, cfg.q_size + 2 * cfg.kv_size, d) * 4 * 3 + max_seqs * cfg.vocab_size * 4
-        return cls(cfg.num_layers, layer_params * dtype_bytes, kv, embed, embed + d * dtype_bytes, act,
+        sizes = stored or {"layer": layer_params * dtype_bytes, "embed": embed, "head": embed + d * dtype_bytes}
+        return cls(cfg.num_layers, sizes["layer"], kv, sizes["embed"], sizes["head"], act,
                    2.0 * layer_params * max_seqs, 2.0 * cfg.vocab_size * d * max_seqs)
 
 
@@ -88,6 +94,20 @@ class Placement:
 
 class PlacementError(CapacityError):
     """The pool cannot hold the model."""
+
+
+def kv_blocks(shape: ModelShape, placement: Placement, memory: dict[str, int], block_layer_bytes: int,
+              cap: int) -> int:
+    """KV blocks every stage can hold (block ids are shared by all stages, each holding its layers' part): what
+    each stage's device (`memory`, by device id) has left after its weights and workspace, over its layers' share
+    of a block (`block_layer_bytes` per layer), the least over the stages, at most `cap`. Placement has already
+    set aside shape.kv_bytes_per_layer per layer, so this is at least that many positions' worth."""
+    n = cap
+    for st in placement.stages:
+        layers = len(st.layers)
+        spare = memory[st.device] - st.memory + layers * shape.kv_bytes_per_layer
+        n = min(n, spare // (layers * block_layer_bytes))
+    return max(0, n)
 
 
 def _stage_cost(shape: ModelShape, dev: DeviceSpec, layers: LayerRange) -> tuple[int, float]:
@@ -163,6 +183,6 @@ def partition(shape: ModelShape, devices: list[DeviceSpec]) -> Placement:
         raise PlacementError(
             f"the pool cannot hold the model: it needs at least {need / GiB:.2f} GiB (weights + KV cache + "
             f"workspace) and the {len(devices)} device(s) offer {have / GiB:.2f} GiB in all, the largest "
-            f"{biggest / GiB:.2f} GiB; add devices, raise --memory budgets, or lower context/concurrency"
+            f"{biggest / GiB:.2f} GiB; add devices, raise --memory budgets, or lower --kv-memory or --max-context"
         )
     return Placement(tuple(best))

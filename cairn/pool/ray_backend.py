@@ -12,7 +12,7 @@ import pickle
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -22,11 +22,13 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from cairn.config import ModelConfig
-from cairn.engine.runner import Chunk, StageExecutor
+from cairn.engine.blocks import NO_BLOCK, BlockStats, blocks_for
+from cairn.engine.runner import BLOCK_SIZE, Chunk, StageExecutor
 from cairn.engine.sampling import Choice, RowSampling, choose, decode_choices, encode_choices, target_logprobs
 from cairn.models.checkpoint import build_stage, load_stage, read_tensors, stage_tensor_names
 from cairn.models.llama import TORCH_DTYPES, CausalContext
-from cairn.pool.partition import ModelShape, Placement, PlacementError, partition
+from cairn.models.quantized import stored_bytes
+from cairn.pool.partition import ModelShape, Placement, PlacementError, kv_blocks, partition
 from cairn.pool.service import WORKER_ENV, PoolDevice, pool_devices, publish
 from cairn.quant import compress as wirefmt
 from cairn.types import LayerRange
@@ -42,7 +44,8 @@ class StageActor:
     """Blocks [start, end) of a model on one pool node, with their KV cache."""
 
     def __init__(self, cfg_dict: dict, start: int, end: int, tensors: dict | None, model_dir: str, device: str,
-                 dtype: str, max_seqs: int, max_context: int, wire: str, threads: int | None):
+                 dtype: str, max_seqs: int, max_context: int, wire: str, threads: int | None,
+                 num_blocks: int | None = None, block_size: int = BLOCK_SIZE):
         if threads:
             torch.set_num_threads(threads)
         cfg = ModelConfig.from_hf_dict(cfg_dict)
@@ -51,7 +54,7 @@ class StageActor:
             stage = load_stage(model_dir, cfg, layers, dtype=dtype, device=device)
         else:
             stage = build_stage(cfg, layers, tensors, dtype=dtype, device=device, source="the shipped weights")
-        self.ex = StageExecutor(stage, max_seqs, max_context)
+        self.ex = StageExecutor(stage, max_seqs, max_context, num_blocks=num_blocks, block_size=block_size)
         self.wire = wire
         self.bytes_out = 0  # activations sent to the next stage
         self.bytes_back = 0  # replies (chosen tokens) sent back to the driver, as pickled
@@ -74,7 +77,7 @@ class StageActor:
         t0 = time.perf_counter()
         if x is not None:
             x = wirefmt.decode(x, self.ex.dtype).to(self.ex.device)  # (N, D)
-        out = self.ex.run(chunks, x)
+        out = self.ex.run(chunks, x, rows)
         if self.ex.stage.is_last:
             if want == "logits":
                 out = out.cpu()  # (n_chunks, V) float32
@@ -131,15 +134,23 @@ class PipelineStep:
 
 class PipelineRunner:
     """Runner over stage actors on pool nodes. Keeps `depth` steps in flight (on disjoint slots), so one stage
-    works on a step while another works on the next. Keeps each live slot's token history so that when a stage
-    dies it can re-place the model over the surviving devices, rebuild every KV cache by replaying the histories,
-    resend the steps in flight and finish them as if nothing happened (token draws depend only on each request's
-    seed and position, so a resent step chooses the same tokens)."""
+    works on a step while another works on the next. Keeps each live slot's token history and block table (and
+    which tokens each block holds, so a slot that starts on cached prefix blocks knows its history) so that when a
+    stage dies it can re-place the model over the surviving devices, rebuild every live block by replaying the
+    histories, resend the steps in flight and finish them as if nothing happened (token draws depend only on each
+    request's seed and position, so a resent step chooses the same tokens). Cached blocks no live slot holds are
+    lost then (`resets` tells the engine).
+
+    KV blocks: each stage holds its layers' part of the same `num_blocks` blocks. Placement budgets
+    `kv_memory` bytes of them (all layers), or by default one whole context; with no kv_memory the pool then takes
+    what the tightest stage's device has left, at most max_seqs whole contexts. A re-placement after a failure
+    needs room for the same number of blocks."""
 
     def __init__(self, model_dir: str | Path, cfg: ModelConfig, *, max_seqs: int, max_context: int, dtype: str,
                  max_batch_tokens: int = 256, wire: str = "fp32", weights: str = "auto", threads: int | None = None,
                  step_timeout: float = 60.0, load_timeout: float = 300.0, max_recoveries: int = 3,
-                 name: str | None = None, nodes: set[str] | None = None, depth: int | None = None):
+                 name: str | None = None, nodes: set[str] | None = None, depth: int | None = None,
+                 kv_memory: int | None = None, block_size: int = BLOCK_SIZE):
         if wire not in wirefmt.WIRE_DTYPES:
             raise ValueError(f"wire dtype must be one of {wirefmt.WIRE_DTYPES}, got {wire!r}")
         if depth is not None and depth < 1:
@@ -154,9 +165,24 @@ class PipelineRunner:
         self.fixed_depth = depth  # None: chosen at each placement (see _auto_depth)
         self.depth = depth or 1
         self.in_flight: deque[PipelineStep] = deque()
-        self.shape = ModelShape.from_config(cfg, torch.finfo(TORCH_DTYPES[dtype]).bits // 8, max_context, max_seqs,
-                                            max_batch_tokens)
+        elt = torch.finfo(TORCH_DTYPES[dtype]).bits // 8
+        self.block_size = block_size
+        self.block_layer_bytes = 2 * cfg.kv_size * block_size * elt  # one block of one layer
+        self.num_blocks: int | None = None  # fixed at the first placement
+        if kv_memory is not None:
+            self.num_blocks = kv_memory // (self.block_layer_bytes * cfg.num_layers)
+            if self.num_blocks < 1:
+                raise ValueError(f"kv_memory of {kv_memory} bytes holds no KV block "
+                                 f"({self.block_layer_bytes * cfg.num_layers} bytes)")
+        kv_tokens = (self.num_blocks or blocks_for(max_context, block_size)) * block_size
+        self.shape = ModelShape.from_config(cfg, elt, max_context, max_seqs, max_batch_tokens,
+                                            stored=stored_bytes(cfg, elt),  # a quantized model by its stored bytes
+                                            kv_tokens=kv_tokens)
+        self.resets = 0  # re-placements: each loses the blocks no live slot holds
         self.history: dict[int, list[int]] = {}  # slot -> tokens whose keys/values the stages hold
+        self.tables: dict[int, tuple[int, ...] | None] = {}  # slot -> its block table (None: the slot's fixed blocks)
+        self.block_tokens: dict[int, list[int]] = {}  # block -> the tokens whose keys/values it holds
+        self._published = (0.0, None)  # when and what block usage was last published
         self.banned: set[str] = set()  # node ids whose actors died
         self.nodes = nodes  # restrict placement to these node ids (None: every device in the pool)
         self.actors: list = []
@@ -173,7 +199,15 @@ class PipelineRunner:
 
     def _place_and_load(self) -> None:
         self._kill_actors()
+        if self.placement is not None:  # the blocks of the old actors are gone; replay rebuilds the live ones
+            self.resets += 1
         placement, devices = self.plan()  # PlacementError before anything loads
+        if self.num_blocks is None:  # what the tightest stage has left, at most every slot a whole context
+            cap = self.max_seqs * blocks_for(self.max_context, self.block_size)
+            self.num_blocks = kv_blocks(self.shape, placement, {k: d.spec.memory for k, d in devices.items()},
+                                        self.block_layer_bytes, cap)
+            # from now on every placement must hold that many blocks
+            self.shape = replace(self.shape, kv_bytes_per_layer=self.num_blocks * self.block_layer_bytes)
         self.depth = self.fixed_depth or _auto_depth([devices[st.device] for st in placement.stages])
         actors = []
         for st in placement.stages:
@@ -188,15 +222,32 @@ class PipelineRunner:
                         max_concurrency=self.depth + 1)
             actors.append(StageActor.options(**opts).remote(
                 self.cfg.to_hf_dict(), st.layers.start, st.layers.end, tensors, self.model_dir,
-                "cuda" if dev.cuda else "cpu", self.dtype, self.max_seqs, self.max_context, self.wire, self.threads))
+                "cuda" if dev.cuda else "cpu", self.dtype, self.max_seqs, self.max_context, self.wire, self.threads,
+                self.num_blocks, self.block_size))
         self.actors = actors
         self.actor_nodes = ray.get([a.ready.remote() for a in actors], timeout=self.load_timeout)
         ray.get([a.set_next.remote(b) for a, b in zip(actors, actors[1:])], timeout=self.load_timeout)
         self.placement = placement
         self.stats.placements.append(placement.describe())
-        publish(self.name, [{"node_id": n, "start": st.layers.start, "end": st.layers.end}
-                             for n, st in zip(self.actor_nodes, placement.stages)])
-        log.info("placed %s", placement.describe())
+        self._publish(None)
+        log.info("placed %s (%d KV blocks of %d positions)", placement.describe(), self.num_blocks, self.block_size)
+
+    def _publish(self, blocks: BlockStats | None) -> None:
+        """Put the placement (and KV block usage, when known) on the pool's board for `cairn pool status`."""
+        kv = {"blocks_total": self.num_blocks}
+        if blocks is not None:
+            kv.update(blocks_used=blocks.used, blocks_cached=blocks.cached, blocks_free=blocks.free)
+        publish(self.name, [{"node_id": n, "start": st.layers.start, "end": st.layers.end,
+                             "kv_bytes": self.num_blocks * self.block_layer_bytes * len(st.layers), **kv}
+                            for n, st in zip(self.actor_nodes, self.placement.stages)])
+
+    def observe_blocks(self, blocks: BlockStats) -> None:
+        """The engine's block usage after a step: published at most every 2 s, when it changed."""
+        when, last = self._published
+        now = time.monotonic()
+        if blocks != last and now - when >= 2.0 and self.actors:
+            self._published = (now, blocks)
+            self._publish(blocks)
 
     def _kill_actors(self) -> None:
         for a in self.actors:
@@ -205,6 +256,7 @@ class PipelineRunner:
 
     # ----- Runner protocol
     def submit(self, chunks: list[Chunk], rows: list[RowSampling | None]) -> PipelineStep:
+        self._adopt(chunks)
         if not self.actors:  # capacity was lost earlier: try again now (raises PlacementError if still short)
             self._place_and_load()
             self._replay(exclude=self._uncommitted(chunks))
@@ -217,13 +269,16 @@ class PipelineRunner:
             raise RuntimeError("pipeline steps must be collected in the order they were submitted")
         reply = self._reliably(lambda: step.ref)
         self.in_flight.popleft()
-        self._commit(step.chunks)
-        return decode_choices(reply)
+        choices = decode_choices(reply)
+        self._commit(step.chunks, [None if r is None or not r.draft or c is None else 1 + len(c.then)
+                                   for r, c in zip(step.rows, choices)])
+        return choices
 
     def forward(self, chunks: list[Chunk]) -> torch.Tensor:
         """Logits of each chunk's last token, from the last stage (with failover; not while steps are in flight)."""
         if self.in_flight:
             raise RuntimeError("forward() while pipeline steps are in flight: collect them first")
+        self._adopt(chunks)
         if not self.actors:
             self._place_and_load()
             self._replay(exclude=self._uncommitted(chunks))
@@ -272,9 +327,34 @@ class PipelineRunner:
         out.update({c.slot: c.start for c in chunks})
         return out
 
-    def _commit(self, chunks: list[Chunk]) -> None:
+    def _adopt(self, chunks: list[Chunk]) -> None:
+        """A slot's first chunk may start past 0 on cached prefix blocks another slot wrote: take its history from
+        what those blocks hold, so that a replay rebuilds them too."""
+        bs = self.block_size
         for c in chunks:
-            self.history[c.slot] = self.history.get(c.slot, [])[: c.start] + list(c.tokens)
+            known = self.history.get(c.slot, [])
+            if c.start > len(known) and c.blocks is not None:
+                held = [t for b in c.blocks[: blocks_for(c.start, bs)] for t in self.block_tokens.get(b, [])]
+                if len(held) < c.start:
+                    raise RuntimeError(f"slot {c.slot} starts at {c.start} on blocks that hold only {len(held)} "
+                                       "known tokens")
+                self.history[c.slot] = held[: c.start]
+                self.tables[c.slot] = c.blocks
+
+    def _commit(self, chunks: list[Chunk], kept: list[int | None] | None = None) -> None:
+        """The chunks' tokens are now in the stages' blocks; `kept`: for a chunk that verified a draft, how many of
+        its tokens were accepted (the keys/values of the rest are stale and will be overwritten)."""
+        bs = self.block_size
+        for c, keep in zip(chunks, kept or [None] * len(chunks)):
+            tokens = list(c.tokens) if keep is None else list(c.tokens[:keep])
+            self.history[c.slot] = self.history.get(c.slot, [])[: c.start] + tokens
+            self.tables[c.slot] = c.blocks
+            if c.blocks is None:
+                continue
+            for p in range(c.start - c.start % bs, c.start + len(tokens), bs):  # the blocks the chunk wrote to
+                b = c.blocks[p // bs]
+                if b != NO_BLOCK:
+                    self.block_tokens[b] = self.history[c.slot][p : p + bs]
         self.stats.steps += 1
 
     def _send(self, chunks: list[Chunk], rows: list[RowSampling | None] | None, want: Want):
@@ -288,9 +368,11 @@ class PipelineRunner:
         """Rebuild every live slot's KV cache from its token history, up to where the current step starts."""
         pending = []
         for slot, tokens in self.history.items():
-            upto = exclude.get(slot, len(tokens))
-            for s in range(0, upto, self.max_batch_tokens):
-                pending.append(Chunk(slot, s, tuple(tokens[s : min(upto, s + self.max_batch_tokens)])))
+            upto, table = exclude.get(slot, len(tokens)), self.tables.get(slot)
+            # blocks given back behind a sliding window cannot hold keys for a later chunk: one chunk then
+            step = upto if table is not None and NO_BLOCK in table else self.max_batch_tokens
+            for s in range(0, upto, max(1, step)):
+                pending.append(Chunk(slot, s, tuple(tokens[s : min(upto, s + step)]), table))
         # one chunk per slot per forward keeps each call's positions contiguous per slot
         while pending:
             batch, seen, rest = [], set(), []
@@ -310,6 +392,7 @@ class PipelineRunner:
 
     def free(self, slot: int) -> None:
         self.history.pop(slot, None)
+        self.tables.pop(slot, None)
 
     def wire_bytes(self) -> int:
         """Activation bytes the stages have sent to their successors."""

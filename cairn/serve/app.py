@@ -52,7 +52,7 @@ def create_app(models: dict[str, LLM] | None = None, *, loader: Callable[[], dic
     """An app serving `models` (name -> LLM), or the ones `loader` returns, loaded in the background while
     /health answers 503. Request bodies over `max_body_bytes` are refused with 413."""
     state = {"models": dict(models or {}), "ready": models is not None, "load_error": None}
-    metrics = Metrics(lambda: {n: m.stats() for n, m in state["models"].items()})
+    metrics = Metrics(lambda: {n: {**m.stats(), **m.kv_stats()} for n, m in state["models"].items()})
     app = FastAPI(title="cairn", version="0.1.0", summary="OpenAI-compatible API over locally served models")
     app.state.cairn = state
     app.add_middleware(Observe, metrics=metrics, route_of=lambda scope: _route_of(app, scope),

@@ -18,11 +18,26 @@ class Metrics:
                              buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1), registry=r)
         queue = Gauge("cairn_queue_depth", "Requests waiting for a slot", ["model"], registry=r)
         running = Gauge("cairn_running_sequences", "Sequences holding a KV-cache slot", ["model"], registry=r)
-        self._gauges = (queue, running, stats_by_model)
+        blocks = Gauge("cairn_kv_blocks", "KV-cache blocks by state: used (held by running sequences), cached "
+                       "(a prompt prefix nobody holds now, reusable), free", ["model", "state"], registry=r)
+        engine = {key: Gauge(name, doc, ["model"], registry=r) for key, name, doc in [
+            ("block_size", "cairn_kv_block_size_tokens", "Positions per KV-cache block"),
+            ("block_bytes", "cairn_kv_block_bytes", "Bytes of one KV-cache block over all layers"),
+            ("bytes_touched", "cairn_kv_bytes_touched", "Bytes of the KV-cache blocks used at least once so far"),
+            ("preemptions", "cairn_preemptions", "Sequences preempted for KV blocks so far (resumed later)"),
+            ("cached_prompt_tokens", "cairn_prompt_tokens_cached", "Prompt tokens served from the prefix cache so far"),
+        ]}
+        self._gauges = (queue, running, blocks, engine, stats_by_model)
 
     def render(self) -> bytes:
-        queue, running, stats_by_model = self._gauges
+        queue, running, blocks, engine, stats_by_model = self._gauges
         for name, stats in stats_by_model().items():
             queue.labels(name).set(stats["waiting"])
             running.labels(name).set(stats["running"])
+            for state in ("used", "cached", "free"):
+                if f"blocks_{state}" in stats:
+                    blocks.labels(name, state).set(stats[f"blocks_{state}"])
+            for key, gauge in engine.items():
+                if key in stats:
+                    gauge.labels(name).set(stats[key])
         return generate_latest(self.registry)

@@ -285,11 +285,18 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0
+    """Prompt tokens whose keys and values came from the prefix cache (whole KV blocks of an earlier request with
+    the same token prefix) instead of being computed."""
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     """Counted once per prompt, not once per choice."""
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails = PromptTokensDetails()
 
 
 class TopLogprob(BaseModel):

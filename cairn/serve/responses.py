@@ -130,8 +130,10 @@ def usage(handles: list[RequestHandle], outs: list[list[Event]], group: int) -> 
 def usage_counts(handles: list[RequestHandle], counts: list[int], group: int) -> p.Usage:
     """Prompt tokens count once per prompt (not per each of its choices), as OpenAI reports them."""
     prompt = sum(h.prompt_tokens for h in handles[::group])
+    cached = sum(max(h.cached_tokens for h in handles[i : i + group]) for i in range(0, len(handles), group))
     completion = sum(counts)
-    return p.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+    return p.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                   prompt_tokens_details=p.PromptTokensDetails(cached_tokens=cached))
 
 
 # ----- chat

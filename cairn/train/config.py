@@ -115,9 +115,9 @@ class TrainConfig:
     round_slack: float = 1.05
     """DiLoCo: when the first worker has taken its H steps, the others may go on for (its time) x (this - 1),
     then stop where they are, with fewer steps; a slower device never holds the round. 0: everyone takes H."""
-    delta_dtype: Literal["fp32", "bf16", "int8"] = "fp32"
-    """How pseudo-gradients go up and (DiLoCo) the global weights' change comes down: fp32, bf16 or int8 (per-row
-    scales)."""
+    delta_dtype: Literal["fp32", "bf16", "int8", "int4"] = "fp32"
+    """How pseudo-gradients go up and (DiLoCo) the global weights' change comes down: fp32, bf16, int8 or int4
+    (blocks of 32 values with their own scale, each row's largest values sent apart; cairn/quant/compress.py)."""
 
     def __post_init__(self) -> None:
         def bad(field: str, why: str):

@@ -25,7 +25,8 @@ def pseudo_gradient(start: Delta, end: Delta) -> Delta:
 
 
 def compress(delta: Delta, dtype: cq.WireDType) -> dict:
-    """What a worker sends: fp32, bf16, or int8 with one fp32 scale per row (vectors are one row)."""
+    """What a worker sends: each tensor as rows over its last dimension (vectors are one row) in `dtype` (fp32, bf16,
+    int8, int4: see cairn/quant/compress.py)."""
     return {k: cq.encode_rows(v, dtype) for k, v in delta.items()}
 
 

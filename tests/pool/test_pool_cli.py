@@ -82,6 +82,10 @@ def test_serve_across_the_pool_then_lose_and_regain_capacity(pool, model_factory
         st = json.loads(cairn("pool", "status", "--json").stdout)
         layers = sorted(run["layers"] for n in st["nodes"] for run in n["running"] if run["model"] == "m")
         assert len(layers) == 2 and layers[0].startswith("[0,")
+        runs = [run for n in st["nodes"] for run in n["running"] if run["model"] == "m"]  # KV blocks, after a step
+        assert all(256 // 16 <= run["blocks_total"] <= 4 * 256 // 16 for run in runs)
+        assert all(run["blocks_used"] + run["blocks_cached"] + run["blocks_free"] == run["blocks_total"] for run in runs)
+        assert "blocks used" in cairn("pool", "status").stdout
 
         assert cairn("pool", "leave", "--name", names[0]).returncode == 0
         with pytest.raises(openai.APIStatusError) as e:
