@@ -107,12 +107,13 @@ def _cache_root() -> Path | None:
     return Path(os.environ["CAIRN_CACHE"]) if os.environ.get("CAIRN_CACHE") else None
 
 
-def _model(path: str) -> str:
+def _model(path: str, quantized: bool = False) -> str:
     """A model directory for PATH: a directory as is, a .gguf file imported once into the cache
-    ($CAIRN_CACHE/gguf/, default ~/.cache/cairn/gguf/)."""
+    ($CAIRN_CACHE/gguf/, default ~/.cache/cairn/gguf/). quantized (the commands that run a model): its
+    Q4_0/Q4_1/Q8_0 matrices stay quantized; the commands that transform weights get them dequantized."""
     from cairn.models.gguf import resolve_model
 
-    return str(resolve_model(path, _cache_root(), progress=sys.stderr.isatty()))
+    return str(resolve_model(path, _cache_root(), progress=sys.stderr.isatty(), quantized=quantized))
 
 
 def _quantized(model_dir: str | Path) -> bool:
@@ -124,18 +125,23 @@ def _quantized(model_dir: str | Path) -> bool:
         return False  # the loader reports a bad config.json
 
 
-def gguf_import(gguf_file: str, out_dir: str, dtype: str = "float32") -> int:
+def gguf_import(gguf_file: str, out_dir: str, dtype: str = "float32", quantized: bool = False) -> int:
     """Import a GGUF file (llama.cpp's format; llama/SmolLM/Mistral and qwen2; F32, F16, BF16, Q4_0-Q8_0 and
     Q2_K-Q6_K weights, dequantized) as a Hugging Face checkpoint in OUT_DIR: config.json, model.safetensors,
-    tokenizer.json, tokenizer_config.json with the chat template, generation_config.json. OUT_DIR must not exist
-    or be empty; a failed import leaves nothing there. Commands that take MODEL_DIR also take a .gguf directly."""
+    tokenizer.json, tokenizer_config.json with the chat template, generation_config.json. --quantized keeps
+    Q4_0/Q4_1 matrices as int4 (the same values) and Q8_0 ones as int8 (re-rounded per row). OUT_DIR must not
+    exist or be empty; a failed import leaves nothing there. Commands that take MODEL_DIR also take a .gguf
+    directly (generate, chat, serve and eval run it quantized)."""
     from cairn.models.gguf import import_gguf
 
     t0 = time.perf_counter()
-    m = import_gguf(gguf_file, out_dir, dtype=dtype, progress=sys.stderr.isatty())
+    m = import_gguf(gguf_file, out_dir, dtype=dtype, progress=sys.stderr.isatty(), quantized=quantized)
     types = ", ".join(f"{n} {k}" for k, n in m.provenance["tensor_types"].items())
+    how = dtype if m.quant is None else f"{m.quant.describe()} ({dtype} elsewhere)"
+    if quantized and m.quant is None:
+        how += " (dequantized: cairn keeps only Q4_0, Q4_1 and Q8_0 layers quantized)"
     print(f"imported {m.cfg.arch} ({m.cfg.param_count() / 1e6:.1f}M parameters, {m.cfg.num_layers} layers, "
-          f"vocab {m.cfg.vocab_size}; tensors {types}) from {gguf_file} to {out_dir} as {dtype} in "
+          f"vocab {m.cfg.vocab_size}; tensors {types}) from {gguf_file} to {out_dir} as {how} in "
           f"{time.perf_counter() - t0:.1f}s")
     return 0
 
@@ -267,7 +273,7 @@ def _load_llm(model_dir: str, config, pool: str | None = None, token: str | None
     """A local LLM, or one whose model is placed across the pool at `pool`."""
     from cairn.engine.api import LLM, resolve_dtype
 
-    model_dir = _model(model_dir)
+    model_dir = _model(model_dir, quantized=True)
     if pool is None:
         return LLM(model_dir, config)
     from cairn.config import ModelConfig
@@ -334,7 +340,7 @@ def chat(model_dir: str, system: str | None = None, max_tokens: int = 256, tempe
     params = _sampling(max_tokens, temperature, top_p, 0, seed, None)
     config = _engine_config(device, dtype, threads, max_seqs=1, kv_memory=kv_memory, prefix_cache=prefix_cache,
                             draft=draft)
-    with LLM(_model(model_dir), config) as llm:
+    with LLM(_model(model_dir, quantized=True), config) as llm:
         if not llm.tokenizer.chat_template:
             raise UserError(f"{model_dir} has no chat template (tokenizer_config.json: chat_template); use generate")
         messages = [{"role": "system", "content": system}] if system else []
@@ -405,7 +411,7 @@ def serve(model_dirs: list[str], host: str = "127.0.0.1", port: int = 8000, api_
         raise UserError(f"served model names must differ, got {names}; use --served-name")
     from cairn.config import ModelConfig
 
-    model_dirs = [_model(d) for d in model_dirs]  # .gguf files: imported once into the cache
+    model_dirs = [_model(d, quantized=True) for d in model_dirs]  # .gguf files: imported once into the cache
     for d in model_dirs:  # fail before binding the port if a directory is plainly wrong
         ModelConfig.from_hf_dir(d)
     config = EngineConfig(device=device, dtype=dtype, threads=threads, max_seqs=max_concurrency,
@@ -699,6 +705,8 @@ COMMANDS: dict[str, tuple[Callable[..., int], list[Arg]]] = {
         arg("gguf_file", metavar="MODEL.gguf"),
         arg("out_dir", metavar="OUT_DIR"),
         arg("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="weights as stored"),
+        arg("--quantized", action="store_true",
+            help="keep Q4_0/Q4_1 matrices as int4 and Q8_0 ones as int8 instead of expanding them"),
     ]),
     "export": (gguf_export, [
         arg("model_dir", metavar="MODEL_DIR"),

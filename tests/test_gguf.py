@@ -142,13 +142,34 @@ def test_smollm2_exports_as_llama_cpp_converted_it(smol, tmp_path):
 
 
 def test_smollm2_chat_from_the_gguf_path_answers(smol, monkeypatch, capsys):
-    """`cairn chat MODEL.gguf`: resolved through the cache (no second import), greedy, real answer."""
+    """`cairn chat MODEL.gguf` runs the file quantized as it ships (Q4_1 layers as int4, the Q8_0 embedding as
+    int8), imported once into the cache (no second import), greedy, real answer."""
     file, cache, _ = smol
+    imported = G.resolve_model(file, cache, quantized=True)
+    qc = json.loads((imported / "config.json").read_text())["quantization_config"]
+    assert (qc["bits"], qc["group_size"], qc["symmetric"], qc["method"]) == (4, 32, False, "gguf")
+    assert qc["overrides"] == {"model.embed_tokens.weight": {"bits": 8, "group_size": None, "symmetric": True,
+                                                              "scale_dtype": "float32"}}
     monkeypatch.setenv("CAIRN_CACHE", str(cache))
     monkeypatch.setattr(G, "import_gguf", lambda *a, **k: pytest.fail("imported twice"))
     monkeypatch.setattr("sys.stdin", io.StringIO("What is the capital of France?\n"))
     assert main(["chat", str(file), "--temperature", "0", "--max-tokens", "24"]) == 0
     assert "Paris" in capsys.readouterr().out
+
+
+def test_smollm2_quantized_import_keeps_its_perplexity(smol, tmp_path):
+    """The shipped file run quantized (int4 codes exactly as stored, the embedding re-rounded to int8 per row,
+    activations rounded to bf16 by the kernels) scores the held-out text within 0.5% of its float expansion."""
+    from cairn.config import EngineConfig
+    from cairn.engine.api import LLM
+    from cairn.eval.commands import run_perplexity
+
+    file, cache, fp32 = smol
+    ppl = {}
+    for name, path in {"fp32": fp32, "quantized": G.resolve_model(file, cache, quantized=True)}.items():
+        with LLM(path, EngineConfig(max_seqs=1, max_context=1024)) as llm:
+            ppl[name] = run_perplexity(llm, "examples/eval/heldout.txt", 1024, 512, False)["perplexity"]
+    assert ppl["quantized"] == pytest.approx(ppl["fp32"], rel=5e-3), ppl
 
 
 # ----- round trips of tiny random models: export, read back with gguf's reader, import, compare
@@ -272,6 +293,63 @@ def test_quantized_export_types_and_values(model_factory, exports, tmp_path, qty
     for k, w in hf.items():  # imported: un-permuted, and still exactly the quantized values
         qt = tensors[G.gguf_name(k)].tensor_type
         assert torch.equal(back[k], torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(w.numpy(), qt), qt)))
+
+
+@pytest.mark.parametrize("qtype", ["q4_0", "q4_1", "q8_0"])
+def test_quantized_import_keeps_the_files_values(model_factory, exports, tmp_path, qtype):
+    """`cairn import --quantized`: Q4_0 / Q4_1 matrices become cairn int4 holding exactly the values the gguf
+    package dequantizes them to; Q8_0 ones int8 per row (within half a row step of them); the F16 fallback
+    (ffn_down's 176 columns) stays in floating point. The model runs: its logits stay near the float import's."""
+    from cairn.models import quantized as qz
+    from cairn.quant.weights import dequantize
+
+    file = exports("llama", qtype)
+    plain = load_file(reimport(file, tmp_path) / "model.safetensors")
+    out = tmp_path / "q"
+    assert main(["import", str(file), str(out), "--quantized"]) == 0
+    cfg = ModelConfig.from_hf_dir(out)
+    qc = qz.quant_config(cfg)
+    assert qc.method == "gguf" and qc.fmt == G.KEPT_FORMATS[qtype.upper()]
+    stored = load_file(out / "model.safetensors")
+    for name, want in plain.items():
+        if not qz.is_quantized(qc, name):
+            assert name in stored and torch.equal(stored[name], want), name
+            continue
+        parts = {k: stored[k] for k in qz.component_names(qc, name)}
+        got = dequantize(qz.from_tensors(qc, name, parts, "test"))
+        if qtype == "q8_0":
+            step = want.abs().amax(dim=1, keepdim=True) / 127
+            assert ((got - want).abs() <= step / 2 + 1e-7).all(), name
+        else:
+            assert torch.allclose(got, want, rtol=0, atol=1e-6), name
+    assert set(qc.not_quantized) == {n for n in plain if "down_proj" in n}
+    ids = torch.arange(3, 40)[None]
+    got, want = logits(out, ids), logits(reimport(file, tmp_path, "again"), ids)
+    # int4: the same weights, only activations rounded to bf16 by the kernels (~0.03 here, logits up to ~3);
+    # Q8_0 re-rounded per row adds its own rounding (~0.07)
+    assert (got - want).abs().max() < (0.1 if qtype == "q8_0" else 0.05)
+
+
+@pytest.mark.parametrize("types, fmt, floats, overrides", [
+    ({"model.layers.0.mlp.up_proj.weight": "Q4_1", "model.layers.0.mlp.gate_proj.weight": "Q4_1",
+      "model.embed_tokens.weight": "Q8_0"}, "Q4_1", [], {"model.embed_tokens.weight": "Q8_0"}),
+    ({"model.layers.0.mlp.up_proj.weight": "Q4_1", "model.layers.0.mlp.gate_proj.weight": "Q4_0"}, "Q4_1", [], {}),
+    ({"model.layers.0.mlp.up_proj.weight": "Q4_0", "model.layers.0.mlp.gate_proj.weight": "Q4_1",
+      "model.layers.0.mlp.down_proj.weight": "Q4_0"}, "Q4_0",
+     ["model.layers.0.mlp.up_proj.weight", "model.layers.0.mlp.gate_proj.weight"], {}),
+    ({"model.layers.0.mlp.down_proj.weight": "Q6_K", "model.layers.1.mlp.down_proj.weight": "Q4_K"}, None, [], {}),
+    ({"model.layers.0.mlp.down_proj.weight": "Q8_0", "lm_head.weight": "Q6_K"}, "Q8_0", ["lm_head.weight"], {}),
+])
+def test_quant_plan(types, fmt, floats, overrides):
+    """The layers' most common type sets the format; Q8_0 beside 4-bit layers is int8, Q4_0 among Q4_1 fits
+    Q4_1's format, a fused pair of different formats stays float together, K-quant layers import dequantized."""
+    qc = G.quant_plan(types)
+    if fmt is None:
+        assert qc is None
+        return
+    assert qc.fmt == G.KEPT_FORMATS[fmt]
+    assert sorted(qc.not_quantized) == sorted(floats)
+    assert dict(qc.overrides) == {n: G.KEPT_FORMATS[t] for n, t in overrides.items()}
 
 
 def converter_rope_factors(theta, head_dim, rs):

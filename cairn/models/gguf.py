@@ -27,9 +27,13 @@ from tqdm import tqdm
 from cairn.config import ModelConfig, RopeScaling, rope_inv_freq
 from cairn.errors import ModelLoadError, UnsupportedModelError, UserError
 from cairn.fsutil import atomic_write, atomic_write_json
-from cairn.models.checkpoint import build_stage, read_tensors, save_checkpoint, stage_tensor_names, weight_map
+from cairn.models.checkpoint import (build_stage, read_tensors, save_checkpoint, stage_tensor_names, weight_map,
+                                     write_tensors)
 from cairn.models.gguf_vocab import GGUFVocab, build_tokenizer, tokenizer_config, vocab_from_tokenizer
+from cairn.models import quantized as qz
 from cairn.models.llama import TORCH_DTYPES
+from cairn.quant import ggml
+from cairn.quant.weights import QuantFormat
 from cairn.types import LayerRange
 
 Q = gguf.GGMLQuantizationType
@@ -224,6 +228,44 @@ class GGUFModel:
     """The tokenizer rebuilt from them."""
     provenance: dict
     """Where the weights came from: file name, its tensor types, general.* metadata."""
+    quant: qz.QuantConfig | None = None
+    """Set when Q4_0/Q4_1/Q8_0 matrices were kept quantized: `tensors` then holds their stored components."""
+
+
+KEPT_FORMATS = {"Q4_0": QuantFormat(4, 32, True, "float32"), "Q4_1": QuantFormat(4, 32, False, "float32"),
+                "Q8_0": QuantFormat(8, None, True, "float32")}
+"""The cairn format each GGUF block type is read into when imported quantized (quant/ggml.py)."""
+
+
+def quant_plan(types: dict[str, str]) -> qz.QuantConfig | None:
+    """How a GGUF's matrices import quantized, from their tensor types (HF name -> GGUF type name); None when the
+    layers' most common type has no cairn form (K-quants, Q5: those import dequantized).
+
+    The layers' type sets the format; a Q8_0 matrix beside 4-bit layers (llama.cpp's usual embedding) becomes
+    int8, a Q4_0 one among Q4_1 layers gets zero points 0; anything else stays in floating point, and so do
+    fused groups (q/k/v, gate/up) whose members would differ."""
+    layers = [t for n, t in types.items() if n.startswith("model.layers.")]
+    main = max(set(layers), key=layers.count) if layers else None
+    if main not in KEPT_FORMATS:
+        return None
+    fmt = KEPT_FORMATS[main]
+
+    def fmt_for(kind: str) -> QuantFormat | None:
+        if kind == main or (kind == "Q4_0" and main == "Q4_1"):
+            return fmt
+        return KEPT_FORMATS["Q8_0"] if kind == "Q8_0" else None
+
+    chosen = {n: fmt_for(t) for n, t in types.items()}
+    for n in list(chosen):  # fused groups share one format, or stay in floating point together
+        base, _, kind = n.rpartition(".")
+        prefix, _, proj = base.rpartition(".")
+        group = next((g for g in qz.FUSED if proj in g), None)
+        if group is not None and len({chosen.get(f"{prefix}.{p}.{kind}") for p in group}) > 1:
+            chosen.update({f"{prefix}.{p}.{kind}": None for p in group})
+    floats = tuple(n for n, f in chosen.items() if f is None)
+    overrides = tuple((n, f) for n, f in chosen.items() if f is not None and f != fmt)
+    counts = {t: layers.count(t) for t in sorted(set(types.values()))}
+    return qz.QuantConfig(fmt, "gguf", (), floats, (("gguf_types", counts),), overrides)
 
 
 def _open(path: Path) -> gguf.GGUFReader:
@@ -238,8 +280,10 @@ def _open(path: Path) -> gguf.GGUFReader:
         raise ModelLoadError(f"{path} is truncated or corrupt: the gguf reader says {e}") from None
 
 
-def read_gguf(path: str | Path, dtype: str = "float32", progress: bool = False) -> GGUFModel:
-    """Step one of import: a GGUF file -> HF-named tensors (dequantized by the gguf package), config, tokenizer."""
+def read_gguf(path: str | Path, dtype: str = "float32", progress: bool = False, quantized: bool = False) -> GGUFModel:
+    """Step one of import: a GGUF file -> HF-named tensors (dequantized by the gguf package), config, tokenizer.
+    quantized: Q4_0/Q4_1/Q8_0 matrices are read straight into cairn's int4/int8 form instead (quant_plan), when
+    the layers are of those types; otherwise (K-quants, Q5, floats) the import is the dequantized one."""
     path = Path(path)
     reader = _open(path)
     try:
@@ -269,20 +313,43 @@ def read_gguf(path: str | Path, dtype: str = "float32", progress: bool = False) 
         factors = [float(f) for f in _dequantize(raw.pop(ROPE_FREQS)).reshape(-1)]
     cfg = config_from_gguf(meta, shapes, factors, vocab, dtype)
     torch_dtype = TORCH_DTYPES[dtype]
+    plan = None
+    if quantized:
+        types = {hf_name(n): t.tensor_type.name for n, t in raw.items() if qz.is_matrix(hf_name(n))}
+        plan = quant_plan(types)
     tensors: dict[str, torch.Tensor] = {}
     for name, t in tqdm(raw.items(), desc=f"importing {path.name}", unit="tensor", disable=not progress):
+        hf = hf_name(name)
+        if qz.is_quantized(plan, hf):
+            qw = _read_quantized(t)
+            parts = qz.to_tensors(hf, qw)
+            heads = cfg.num_heads if ".attn_q." in name else cfg.num_kv_heads if ".attn_k." in name else None
+            if arch in PERMUTED_ARCHS and heads is not None:  # a permutation of whole rows: codes and scales alike
+                parts = {k: unpermute_qk(v, heads) for k, v in parts.items()}
+            base = hf.removesuffix(".weight")
+            if qw.zeros is None and not plan.fmt_of(hf).symmetric:  # Q4_0 among Q4_1 layers: zero points 0
+                parts[f"{base}.zeros"] = torch.zeros_like(parts[f"{base}.scales"])
+            tensors.update(parts)
+            continue
         w = torch.from_numpy(_dequantize(t).reshape(shapes[name]))
         if arch in PERMUTED_ARCHS and ".attn_q." in name:
             w = unpermute_qk(w, cfg.num_heads)
         elif arch in PERMUTED_ARCHS and ".attn_k." in name:
             w = unpermute_qk(w, cfg.num_kv_heads)
-        tensors[hf_name(name)] = w.to(torch_dtype)
+        tensors[hf] = w.to(torch_dtype)
     counts: dict[str, int] = {}
     for t in reader.tensors:
         counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
     general = {k: v for k, v in meta.items() if k.startswith("general.") and isinstance(v, (str, int, float))}
     provenance = {"format": "gguf", "file": path.name, "tensor_types": counts, **general}
-    return GGUFModel(cfg, tensors, vocab, tokenizer, provenance)
+    return GGUFModel(cfg, tensors, vocab, tokenizer, provenance, plan)
+
+
+def _read_quantized(t) -> Any:
+    try:
+        return ggml.read(t.data, t.tensor_type.name)
+    except ValueError as e:
+        raise ModelLoadError(f"GGUF tensor {t.name} ({t.tensor_type.name}) cannot be read: {e}") from None
 
 
 def _dequantize(t) -> np.ndarray:
@@ -295,8 +362,16 @@ def _dequantize(t) -> np.ndarray:
 def write_model(m: GGUFModel, out_dir: Path, dtype: str = "float32") -> None:
     """Step two of import: the normal checkpoint writer, plus tokenizer and generation files."""
     cfg = m.cfg.with_dtype(dtype)
-    stage = build_stage(cfg, LayerRange(0, cfg.num_layers), m.tensors, dtype=dtype, source=m.provenance["file"])
-    save_checkpoint(stage, out_dir, metadata={"cairn_import": json.dumps(m.provenance)})
+    meta = {"cairn_import": json.dumps(m.provenance)}
+    if m.quant is None:
+        stage = build_stage(cfg, LayerRange(0, cfg.num_layers), m.tensors, dtype=dtype, source=m.provenance["file"])
+        save_checkpoint(stage, out_dir, metadata=meta)
+    else:  # the stored components as they are; the loader packs them for its device
+        config = cfg.to_hf_dict()
+        config["quantization_config"] = m.quant.to_dict()
+        meta["cairn_quantization"] = json.dumps(m.quant.to_dict())
+        write_tensors({k: v.contiguous() for k, v in m.tensors.items()}, out_dir, metadata=meta)
+        atomic_write_json(out_dir / "config.json", config)
     atomic_write(out_dir / "tokenizer.json", lambda tmp: m.tokenizer.save(str(tmp)))
     tc = tokenizer_config(m.vocab, cfg.max_position_embeddings)
     atomic_write_json(out_dir / "tokenizer_config.json", tc)
@@ -306,15 +381,17 @@ def write_model(m: GGUFModel, out_dir: Path, dtype: str = "float32") -> None:
     atomic_write_json(out_dir / "generation_config.json", {k: v for k, v in gen.items() if v not in (None, [])})
 
 
-def import_gguf(path: str | Path, out_dir: str | Path, dtype: str = "float32", progress: bool = False) -> GGUFModel:
+def import_gguf(path: str | Path, out_dir: str | Path, dtype: str = "float32", progress: bool = False,
+                quantized: bool = False) -> GGUFModel:
     """GGUF file -> HF checkpoint directory. Written into a hidden directory beside out_dir and renamed at the end,
-    so a failed import leaves nothing in out_dir. out_dir must not exist or be empty."""
+    so a failed import leaves nothing in out_dir. out_dir must not exist or be empty. quantized: keep Q4_0/Q4_1/
+    Q8_0 matrices quantized (see read_gguf)."""
     out_dir = Path(out_dir)
     if dtype not in TORCH_DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(TORCH_DTYPES)}", param="dtype")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise UserError(f"{out_dir} already exists and is not an empty directory; choose a new one")
-    m = read_gguf(path, dtype, progress)
+    m = read_gguf(path, dtype, progress, quantized)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.importing-{os.getpid()}-{secrets.token_hex(4)}"
     try:
@@ -333,10 +410,11 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def resolve_model(path: str | Path, cache_root: str | Path | None = None, progress: bool = False) -> Path:
+def resolve_model(path: str | Path, cache_root: str | Path | None = None, progress: bool = False,
+                  quantized: bool = False) -> Path:
     """A model directory for `path`: a directory as is; a .gguf file imported once (float32) into
     <cache_root>/gguf/<sha256 prefix>/ (cache_root defaults to ~/.cache/cairn) and reused while its bytes are
-    the same."""
+    the same. quantized: its Q4_0/Q4_1/Q8_0 matrices stay quantized (<sha256 prefix>-q; see read_gguf)."""
     p = Path(path)
     if p.is_dir():
         return p
@@ -348,11 +426,11 @@ def resolve_model(path: str | Path, cache_root: str | Path | None = None, progre
         if f.read(4) != b"GGUF" and p.suffix.lower() != ".gguf":
             raise ModelLoadError(f"{p} is a file, not a model directory or a .gguf file")
     root = Path(cache_root) if cache_root is not None else Path.home() / ".cache" / "cairn"
-    target = root / "gguf" / file_sha256(p)[:16]
+    target = root / "gguf" / (file_sha256(p)[:16] + ("-q" if quantized else ""))
     if target.is_dir() and (target / "config.json").is_file():
         return target
     try:
-        import_gguf(p, target, progress=progress)
+        import_gguf(p, target, progress=progress, quantized=quantized)
     except OSError:
         if (target / "config.json").is_file():  # another process imported the same file first
             return target

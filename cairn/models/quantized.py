@@ -48,12 +48,19 @@ class QuantConfig:
     """HF names of the matrices left in floating point (keep resolved, fused groups completed)."""
     details: tuple[tuple[str, object], ...] = ()
     """Method parameters (calibration text, samples, ...), recorded for provenance."""
+    overrides: tuple[tuple[str, QuantFormat], ...] = ()
+    """HF names of matrices stored in another format than `fmt` (a GGUF's Q8_0 embedding beside Q4_1 layers)."""
+
+    def fmt_of(self, hf_name: str) -> QuantFormat:
+        """The format matrix `hf_name` is stored in."""
+        return dict(self.overrides).get(hf_name, self.fmt)
 
     def to_dict(self) -> dict:
-        return {"quant_method": QUANT_METHOD, "method": self.method, "bits": self.fmt.bits,
-                "group_size": self.fmt.group_size, "symmetric": self.fmt.symmetric,
-                "scale_dtype": self.fmt.scale_dtype, "keep": list(self.keep),
-                "not_quantized": list(self.not_quantized), **dict(self.details)}
+        out = {"quant_method": QUANT_METHOD, "method": self.method, **_fmt_dict(self.fmt), "keep": list(self.keep),
+               "not_quantized": list(self.not_quantized), **dict(self.details)}
+        if self.overrides:
+            out["overrides"] = {n: _fmt_dict(f) for n, f in self.overrides}
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> QuantConfig:
@@ -63,19 +70,30 @@ class QuantConfig:
                                         f"cairn loads its own quantized checkpoints (cairn quantize) and "
                                         f"unquantized ones")
         try:
-            fmt = QuantFormat(int(d["bits"]), d.get("group_size"), bool(d.get("symmetric", False)),
-                              str(d.get("scale_dtype", "float32")))
+            overrides = tuple((str(n), _fmt_from(f)) for n, f in (d.get("overrides") or {}).items())
             known = {"quant_method", "method", "bits", "group_size", "symmetric", "scale_dtype", "keep",
-                     "not_quantized"}
-            return cls(fmt, str(d["method"]), tuple(d.get("keep") or ()), tuple(d.get("not_quantized") or ()),
-                       tuple((k, v) for k, v in d.items() if k not in known))
-        except (KeyError, TypeError, ValueError, QuantFormatError) as e:
+                     "not_quantized", "overrides"}
+            return cls(_fmt_from(d), str(d["method"]), tuple(d.get("keep") or ()),
+                       tuple(d.get("not_quantized") or ()), tuple((k, v) for k, v in d.items() if k not in known),
+                       overrides)
+        except (KeyError, TypeError, ValueError, AttributeError, QuantFormatError) as e:
             raise ModelLoadError(f"config.json has a bad quantization_config ({e})") from None
 
     def describe(self) -> str:
         g = f" g{self.fmt.group_size}" if self.fmt.group_size else ""
         sym = "" if self.fmt.bits == 8 else (" sym" if self.fmt.symmetric else " asym")
-        return f"int{self.fmt.bits}{g}{sym} {self.method}"
+        more = f" (+{len(self.overrides)} int8)" if any(f.bits == 8 for _, f in self.overrides) else ""
+        return f"int{self.fmt.bits}{g}{sym} {self.method}{more}"
+
+
+def _fmt_dict(fmt: QuantFormat) -> dict:
+    return {"bits": fmt.bits, "group_size": fmt.group_size, "symmetric": fmt.symmetric,
+            "scale_dtype": fmt.scale_dtype}
+
+
+def _fmt_from(d: dict) -> QuantFormat:
+    return QuantFormat(int(d["bits"]), d.get("group_size"), bool(d.get("symmetric", False)),
+                       str(d.get("scale_dtype", "float32")))
 
 
 def quant_config(cfg: ModelConfig) -> QuantConfig | None:
@@ -101,7 +119,7 @@ def is_quantized(qc: QuantConfig | None, hf_name: str) -> bool:
 def component_names(qc: QuantConfig, hf_name: str) -> list[str]:
     """The stored tensors of a quantized matrix X.weight: X.qweight, X.scales (, X.zeros)."""
     base = hf_name.removesuffix(".weight")
-    return [f"{base}.qweight", f"{base}.scales"] + ([] if qc.fmt.symmetric else [f"{base}.zeros"])
+    return [f"{base}.qweight", f"{base}.scales"] + ([] if qc.fmt_of(hf_name).symmetric else [f"{base}.zeros"])
 
 
 def disk_names(cfg: ModelConfig, hf_names: list[str]) -> list[str]:
@@ -132,16 +150,17 @@ def from_tensors(qc: QuantConfig, hf_name: str, tensors: dict[str, torch.Tensor]
         raise ModelLoadError(f"tensor {missing[0]!r} is missing from {source}")
     q, s = tensors[names[0]], tensors[names[1]]
     z = tensors[names[2]] if len(names) == 3 else None
-    want = torch.int8 if qc.fmt.bits == 8 else torch.uint8
+    fmt = qc.fmt_of(hf_name)
+    want = torch.int8 if fmt.bits == 8 else torch.uint8
     rows = q.shape[0] if q.ndim == 2 else -1
-    cols = q.shape[-1] * (2 if qc.fmt.bits == 4 else 1)
-    groups = 1 if qc.fmt.bits == 8 else cols // qc.fmt.group_size
-    sshape = (rows,) if qc.fmt.bits == 8 else (rows, groups)
+    cols = q.shape[-1] * (2 if fmt.bits == 4 else 1)
+    groups = 1 if fmt.bits == 8 else cols // fmt.group_size
+    sshape = (rows,) if fmt.bits == 8 else (rows, groups)
     if q.dtype != want or q.ndim != 2 or tuple(s.shape) != sshape or (z is not None and z.shape != s.shape):
-        raise ModelLoadError(f"the stored tensors of {hf_name!r} in {source} do not hold int{qc.fmt.bits} weights "
+        raise ModelLoadError(f"the stored tensors of {hf_name!r} in {source} do not hold int{fmt.bits} weights "
                              f"as config.json's quantization_config describes (qweight {q.dtype} "
                              f"{tuple(q.shape)}, scales {tuple(s.shape)})")
-    return QuantizedWeight(qc.fmt.bits, qc.fmt.group_size, q, s, z)
+    return QuantizedWeight(fmt.bits, fmt.group_size, q, s, z)
 
 
 def gather(qc: QuantConfig, sources: list[str], tensors: dict[str, torch.Tensor], source: str) -> QuantizedWeight:
@@ -213,7 +232,7 @@ def stored_bytes(cfg: ModelConfig, dtype_bytes: int) -> dict[str, int] | None:
               "o_proj": (d, cfg.q_size), "gate_proj": (f, d), "up_proj": (f, d), "down_proj": (d, f)}
 
     def size(name: str, rows: int, cols: int) -> int:
-        return qc.fmt.stored_bytes(rows, cols) if is_quantized(qc, name) else rows * cols * dtype_bytes
+        return qc.fmt_of(name).stored_bytes(rows, cols) if is_quantized(qc, name) else rows * cols * dtype_bytes
 
     layers = sum(size(f"model.layers.{i}.{'self_attn' if p[0] in 'qkvo' else 'mlp'}.{p}.weight", *shapes[p])
                  for i in range(cfg.num_layers) for p in PROJECTIONS)
