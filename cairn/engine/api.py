@@ -13,8 +13,10 @@ import json
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -180,10 +182,28 @@ class LLM:
         t0 = time.perf_counter()
         self.model_config = ModelConfig.from_hf_dir(self.model_dir)
         self.tokenizer = Tokenizer.from_dir(self.model_dir)
+        self.dtype = resolve_dtype(self.model_config, config)
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._submit_lock = threading.Lock()
+        self._pending = 0  # submitted, not yet taken by the engine thread
+        self._ids = itertools.count()
+        self._wake = threading.Event()
+        self._closed = False
+        # Every torch call of this model runs on the engine thread: loading, steps, scoring. With OpenMP, each
+        # thread that computes gets its own team of workers, and once a process has more of them than cores, GNU
+        # OpenMP's workers sleep between parallel regions instead of spinning: on 2 cores that made a decode step
+        # ~11 ms slower (37 vs 62 tokens/s for SmolLM2 int4) when the caller's thread had computed too.
+        ready: Future = Future()
+        self._thread = threading.Thread(target=self._run, args=(runner, ready), name="cairn-engine", daemon=True)
+        self._thread.start()
+        ready.result()  # re-raises what loading raised
+        self.load_time = time.perf_counter() - t0
+
+    def _start(self, runner: Runner | None) -> None:
+        """Load the model (unless a runner is given) and make the engine; on the engine thread."""
+        config, cfg = self.config, self.model_config
         if config.threads:
             torch.set_num_threads(config.threads)
-        cfg = self.model_config
-        self.dtype = resolve_dtype(cfg, config)
         max_context = min(cfg.max_position_embeddings, config.max_context or 4096)
         if runner is None:
             device = torch_device(config.device)
@@ -196,15 +216,18 @@ class LLM:
                              config.max_batch_tokens, config.max_queue, cfg.vocab_size,
                              prefix_caching=config.prefix_caching, window=cfg.sliding_window,
                              draft=config.draft, draft_max=config.draft_max)
-        self.load_time = time.perf_counter() - t0
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._submit_lock = threading.Lock()
-        self._pending = 0  # submitted, not yet taken by the engine thread
-        self._ids = itertools.count()
-        self._wake = threading.Event()
-        self._closed = False
-        self._thread = threading.Thread(target=self._loop, name="cairn-engine", daemon=True)
-        self._thread.start()
+
+    def _on_engine_thread(self, fn: Callable, *args) -> Any:
+        """fn(*args) run by the engine thread between steps (the caller waits): runner calls never compute on the
+        caller's thread (see __init__)."""
+        if threading.current_thread() is self._thread:
+            return fn(*args)
+        if self._closed:
+            raise EngineClosedError("the engine was shut down")
+        done: Future = Future()
+        self._inbox.put(("call", fn, args, done))
+        self._wake.set()
+        return done.result()
 
     # ----- requests
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
@@ -253,7 +276,7 @@ class LLM:
             raise UserError("scoring needs at least two tokens", param="prompt")
         if len(ids) > self.engine.max_context:
             raise UserError(f"{len(ids)} tokens do not fit the context of {self.engine.max_context}", param="prompt")
-        return self.runner.score(ids)
+        return self._on_engine_thread(self.runner.score, ids)
 
     def score_many(self, seqs: list[list[int]], starts: list[int]) -> list[tuple[list[float], list[bool]]]:
         """`score` of several sequences, keeping each one's entries for tokens [start:] (start >= 1): batched in
@@ -267,8 +290,9 @@ class LLM:
                                 param="prompt")
         many = getattr(self.runner, "score_many", None)
         if many is not None:
-            return many(seqs, starts)
-        return [tuple(x[start - 1 :] for x in self.runner.score(seq)) for seq, start in zip(seqs, starts)]
+            return self._on_engine_thread(many, seqs, starts)
+        return [tuple(x[start - 1 :] for x in self._on_engine_thread(self.runner.score, seq))
+                for seq, start in zip(seqs, starts)]
 
     def chat(self, messages: list[dict], params: SamplingParams = SamplingParams()) -> RequestHandle:
         return self.submit(self.render_chat(messages), params)
@@ -315,6 +339,15 @@ class LLM:
         self.close()
 
     # ----- engine thread
+    def _run(self, runner: Runner | None, ready: Future) -> None:
+        try:
+            self._start(runner)
+        except BaseException as e:  # noqa: BLE001 - handed to the constructor, which raises it
+            ready.set_exception(e)
+            return
+        ready.set_result(None)
+        self._loop()
+
     def _loop(self) -> None:
         while not self._closed:
             self._drain_inbox()
@@ -345,4 +378,10 @@ class LLM:
                     handle._deliver(Event(handle.id, None, "", None, "error", e))
             elif msg[0] == "cancel":
                 self.engine.cancel(msg[1])
+            elif msg[0] == "call":
+                _, fn, args, done = msg
+                try:
+                    done.set_result(fn(*args))
+                except BaseException as e:  # noqa: BLE001 - raised in the caller
+                    done.set_exception(e)
 
