@@ -33,6 +33,18 @@ def best_of(n, fn):
     return min(fn() for _ in range(n))
 
 
+def isolated(fn, *args):
+    """fn(*args) in a fresh process (spawned: nothing inherited). cairn computes on its engine thread; in a process
+    whose main thread has computed with torch too (a peer, a bandwidth probe), GNU OpenMP sees more worker threads
+    than cores and lets them sleep between parallel regions, which slows cairn by ~40% on 2 cores. A user's
+    `cairn` process has only the engine thread computing; a fresh process measures that."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
 def read_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
     """Streaming-read bandwidth: sum over a buffer far larger than any cache."""
     buf = torch.ones(nbytes // 4)
@@ -171,7 +183,7 @@ def main() -> None:
         results["llama_cpp"] = lcpp
     peer_of = {"float32": "f32", "bfloat16": "f16", "float16": "f16"}
     for dtype in a.dtypes.split(","):
-        c = bench_cairn(model_dir, dtype, a.tokens, a.streams, a.threads)
+        c = isolated(bench_cairn, model_dir, dtype, a.tokens, a.streams, a.threads)
         h = None if a.no_transformers else bench_transformers(model_dir, dtype, a.tokens, a.streams)
         elt = torch.finfo(getattr(torch, dtype)).bits // 8
         bpt = bytes_per_token(cfg, elt, c["prompt_len"] + a.tokens // 2)
