@@ -81,9 +81,9 @@ def train(config: str | None = None, pool: str | None = None, token: str | None 
         options["progress"] = False
     cfg = TrainConfig.build(config, pool=pool, **options)
     cfg = dataclasses.replace(cfg, model=_model(cfg.model))  # a .gguf starting model: imported once
-    if cfg.model and _quantized(cfg.model):
-        raise UserError(f"{cfg.model} is a quantized checkpoint; train from the unquantized model (training on a "
-                        f"quantized base is not supported yet)", param="model")
+    if cfg.model and _quantized(cfg.model) and not cfg.lora:
+        raise UserError(f"{cfg.model} is a quantized checkpoint: train LoRA adapters on it (lora: true; its weights "
+                        f"stay frozen), or train the unquantized model", param="model")
     pool = cfg.pool
     if pool is None:
         if cfg.workers:
@@ -232,9 +232,6 @@ def lora_merge(base: str, adapter: str, out: str, dtype: str | None = None) -> i
     write a full Hugging Face checkpoint to --out."""
     from cairn.train.lora import merge_to_checkpoint
 
-    if _quantized(_model(base)):
-        raise UserError(f"{base} is a quantized checkpoint; merge the adapter into the unquantized model, then "
-                        f"quantize the result")
     cfg = merge_to_checkpoint(_model(base), adapter, out, dtype=dtype)
     print(f"merged {adapter} into {base} ({cfg.num_layers} layers); wrote {out}")
     return 0

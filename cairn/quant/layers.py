@@ -43,6 +43,7 @@ class QuantLinear(nn.Module):
         self.out_features, self.in_features = qw.shape
         self.bits, self.group_size = qw.bits, qw.group_size
         self.act_dtype = act_dtype or kernel_dtype(device, compute_dtype)
+        self.device, self.compute_dtype = device, compute_dtype
         self.bias = None if bias is None else bias.detach().to(device)
         self.weight_bytes = qw.nbytes()
         self._tables: dict[torch.dtype, torch.Tensor] = {}
@@ -118,22 +119,46 @@ class QuantLinear(nn.Module):
             return self.mm(x, self.w, self.group_size, self._table())[:, : self.out_features]
         return F.linear(x, self.w.to(self.act_dtype))
 
+    def weight_t(self) -> torch.Tensor:
+        """W^T (K, N) in act_dtype as the kernel multiplies by it: the kernel applied to the identity."""
+        eye = torch.eye(self.in_features, dtype=self.act_dtype, device=self.device)
+        return self._matmul(eye)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)  # (M, K)
-        # the kernels read their input as a dense row-major matrix (a strided view would be read wrongly)
-        xa = x2.to(self.act_dtype) if x2.dtype != self.act_dtype else x2
-        if not xa.is_contiguous():
-            xa = xa.contiguous()
-        y = self._matmul(xa)
+        if torch.is_grad_enabled() and x2.requires_grad:  # QLoRA: gradients flow to the input, W stays frozen
+            y = _QuantMatmul.apply(x2, self)
+        else:
+            y = self._matmul(self._kernel_input(x2))
         if y.dtype != x.dtype:
             y = y.to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
         return y if x.dim() == 2 else y.view(*x.shape[:-1], self.out_features)  # (..., N)
 
+    def _kernel_input(self, x2: torch.Tensor) -> torch.Tensor:
+        # the kernels read their input as a dense row-major matrix (a strided view would be read wrongly)
+        xa = x2.to(self.act_dtype) if x2.dtype != self.act_dtype else x2
+        return xa if xa.is_contiguous() else xa.contiguous()
+
     def extra_repr(self) -> str:
         fmt = f"int{self.bits}" + (f" g{self.group_size}" if self.group_size else "")
         return f"in={self.in_features}, out={self.out_features}, {fmt}, kernel={self.kind}, act={self.act_dtype}"
+
+
+class _QuantMatmul(torch.autograd.Function):
+    """x W^T with a frozen quantized W, differentiable in x (the kernels have no backward): grad_x = grad_y W,
+    with W read back through the kernel itself (weight_t), so both directions use the same weights."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: QuantLinear) -> torch.Tensor:
+        ctx.layer, ctx.dtype = layer, x.dtype
+        return layer._matmul(layer._kernel_input(x))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        wt = ctx.layer.weight_t()  # (K, N)
+        return (grad.to(wt.dtype) @ wt.T).to(ctx.dtype), None
 
 
 class QuantEmbedding(nn.Module):

@@ -90,7 +90,10 @@ def attach(stage: LlamaStage, spec: LoraSpec) -> dict[str, LoraLinear]:
         for (sub, lin), rows in by_linear.items():
             parent = getattr(block, sub)
             base = getattr(parent, lin)
-            device, dtype = base.weight.device, base.weight.dtype
+            if isinstance(base, nn.Linear):
+                device, dtype = base.weight.device, base.weight.dtype
+            else:  # a frozen quantized base (QLoRA): adapters in the model's compute dtype
+                device, dtype = base.device, base.compute_dtype
             lora = LoraLinear(base, rows, spec).to(device=device, dtype=dtype)
             setattr(parent, lin, lora)
             wrapped[f"layers.{j}.{sub}.{lin}"] = lora
@@ -217,6 +220,16 @@ def merge_to_checkpoint(base_dir: str | Path, adapter_dir: str | Path, out_dir: 
 
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     cfg = ModelConfig.from_hf_dir(base_dir)
+    if cfg.raw.get("quantization_config"):  # a QLoRA base: merged into the weights it stands for, written in float
+        import tempfile
+
+        from cairn.models.quantize import dequantize_checkpoint
+
+        with tempfile.TemporaryDirectory(prefix="cairn-merge-") as tmp:
+            dequantize_checkpoint(base_dir, Path(tmp) / "base", dtype=dtype or "float32")
+            info = {**(metadata or {}), "cairn_base_quantization": json.dumps(cfg.raw["quantization_config"])}
+            merge_to_checkpoint(Path(tmp) / "base", adapter_dir, out_dir, info, dtype)
+        return ModelConfig.from_hf_dir(out_dir)
     adapter_cfg, adapter = read_adapter(adapter_dir)
     merged = merge_state(read_tensors(base_dir, list(weight_map(base_dir))), adapter, adapter_cfg)
     stage = build_stage(cfg, LayerRange(0, cfg.num_layers), merged, dtype=dtype,
