@@ -499,6 +499,11 @@ def pool_join(address: str, token: str | None = None, host: str = "127.0.0.1", d
     return 0
 
 
+def _format_text(stage: dict) -> str:
+    """' as int4 g32 asym rtn, float32 elsewhere' for a served stage, '' when not known."""
+    return f" as {stage['format']}" if "format" in stage else ""
+
+
 def _kv_blocks_text(stage: dict) -> str:
     """' (KV 1.2 GiB: 300/4096 blocks used, 20 cached, 3776 free)' for a served stage, '' when not known."""
     if "blocks_total" not in stage:
@@ -533,7 +538,8 @@ def pool_status(address: str | None = None, token: str | None = None, json_out: 
         d = n["device"]
         dev = "no device" if d is None else (f"{d['kind']}, {d['memory_bytes'] / 2**30:.2f} GiB, "
                                              f"{d['bandwidth_gbs']:.1f} GB/s, {d['gflops']:.1f} GFLOP/s")
-        run = "; ".join([f"{r['model']} layers {r['layers']}{_kv_blocks_text(r)}" for r in n["running"]]
+        run = "; ".join([f"{r['model']} layers {r['layers']}{_format_text(r)}{_kv_blocks_text(r)}"
+                         for r in n["running"]]
                         + [f"training worker {t['worker']} of {t['run']} ({t['recipe']}, {t['sync']}, round "
                            f"{t['round']}/{t['rounds']}, {t.get('tokens_per_s', 0):.0f} tok/s)"
                            for t in n["training"]]) or "idle"

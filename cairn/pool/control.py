@@ -243,7 +243,7 @@ def status() -> dict:
                                "memory_bytes": int(res[RES_MEMORY_MB]) * 10**6,
                                "bandwidth_gbs": res[RES_BANDWIDTH_MBS] / 1e3, "gflops": res[RES_MFLOPS] / 1e3}
         entry["running"] = [{"model": m, "layers": f"[{s['start']}, {s['end']})",
-                             **{k: v for k, v in s.items() if k.startswith(("blocks_", "kv_"))}}
+                             **{k: v for k, v in s.items() if k.startswith(("blocks_", "kv_", "format"))}}
                             for m, stages in models.items() for s in stages if s["node_id"] == n["NodeID"]]
         entry["training"] = [{"run": run, **{k: v for k, v in w.items() if k != "node_id"}}
                              for run, workers in training.items() for w in workers if w["node_id"] == n["NodeID"]]

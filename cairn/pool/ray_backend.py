@@ -27,7 +27,7 @@ from cairn.engine.runner import BLOCK_SIZE, Chunk, StageExecutor
 from cairn.engine.sampling import Choice, RowSampling, choose, decode_choices, encode_choices, target_logprobs
 from cairn.models.checkpoint import build_stage, load_stage, read_tensors, stage_tensor_names
 from cairn.models.llama import TORCH_DTYPES, CausalContext
-from cairn.models.quantized import stored_bytes
+from cairn.models.quantized import quant_config, stored_bytes
 from cairn.pool.partition import ModelShape, Placement, PlacementError, kv_blocks, partition
 from cairn.pool.service import WORKER_ENV, PoolDevice, pool_devices, publish
 from cairn.quant import compress as wirefmt
@@ -178,6 +178,9 @@ class PipelineRunner:
         self.shape = ModelShape.from_config(cfg, elt, max_context, max_seqs, max_batch_tokens,
                                             stored=stored_bytes(cfg, elt),  # a quantized model by its stored bytes
                                             kv_tokens=kv_tokens)
+        qc = quant_config(cfg)
+        self.weight_format = dtype if qc is None else f"{qc.describe()}, {dtype} elsewhere"
+        """How the stages hold the weights, for `cairn pool status`."""
         self.resets = 0  # re-placements: each loses the blocks no live slot holds
         self.history: dict[int, list[int]] = {}  # slot -> tokens whose keys/values the stages hold
         self.tables: dict[int, tuple[int, ...] | None] = {}  # slot -> its block table (None: the slot's fixed blocks)
@@ -238,6 +241,7 @@ class PipelineRunner:
         if blocks is not None:
             kv.update(blocks_used=blocks.used, blocks_cached=blocks.cached, blocks_free=blocks.free)
         publish(self.name, [{"node_id": n, "start": st.layers.start, "end": st.layers.end,
+                             "format": self.weight_format,
                              "kv_bytes": self.num_blocks * self.block_layer_bytes * len(st.layers), **kv}
                             for n, st in zip(self.actor_nodes, self.placement.stages)])
 

@@ -85,7 +85,9 @@ def test_serve_across_the_pool_then_lose_and_regain_capacity(pool, model_factory
         runs = [run for n in st["nodes"] for run in n["running"] if run["model"] == "m"]  # KV blocks, after a step
         assert all(256 // 16 <= run["blocks_total"] <= 4 * 256 // 16 for run in runs)
         assert all(run["blocks_used"] + run["blocks_cached"] + run["blocks_free"] == run["blocks_total"] for run in runs)
-        assert "blocks used" in cairn("pool", "status").stdout
+        assert all(run["format"] == "float32" for run in runs)  # how each stage holds its weights
+        text = cairn("pool", "status").stdout
+        assert "blocks used" in text and "as float32" in text
 
         assert cairn("pool", "leave", "--name", names[0]).returncode == 0
         with pytest.raises(openai.APIStatusError) as e:
