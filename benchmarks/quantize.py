@@ -56,6 +56,7 @@ CAIRN = {
     "int4 g64 sym rtn": ["--bits", "4", "--group-size", "64", "--symmetric"],
 }
 CALIBRATED = {  # added per --methods
+    "int8 {m}": ["--bits", "8"],
     "int4 g64 {m}": ["--bits", "4", "--group-size", "64"],
     "int4 g64 sym {m}": ["--bits", "4", "--group-size", "64", "--symmetric"],
 }

@@ -7,6 +7,7 @@ tokens (k adapts below that), the ratio, the fraction of proposed tokens accepte
 identical (it must be).
 
     python benchmarks/speculative.py [MODEL_DIR] [--max-tokens 128] [--k 2,4,8] [--threads 2] [--repeat 2]
+                                     [--early-exit 24 27] [--draft-models DIR ...]
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import tempfile
 import time
 from pathlib import Path
 
@@ -60,6 +62,18 @@ def run(llm: LLM, prompts: list[str], max_tokens: int, repeat: int):
             "accepted": accepted / repeat}
 
 
+def early_exit(model: str, n: int, tmp: Path) -> Path:
+    """A checkpoint of the model's first n layers, final norm and head (the same files, config cut to n layers)."""
+    out = tmp / f"first-{n}"
+    out.mkdir()
+    for f in Path(model).iterdir():
+        if f.name != "config.json":
+            (out / f.name).symlink_to(f.resolve())
+    cfg = json.loads((Path(model) / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": n}))
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model_dir", nargs="?", default=None)
@@ -69,6 +83,9 @@ def main():
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--draft-models", nargs="*", default=[], help="draft model directories to try (--draft DIR)")
+    ap.add_argument("--early-exit", type=int, nargs="*", default=[],
+                    help="also try the model's own first N layers + head as a draft model (a checkpoint made here)")
     a = ap.parse_args()
     model = a.model_dir
     if model is None:
@@ -76,6 +93,11 @@ def main():
 
         model = str(resolve_model(smollm2_path()))
     ks = [int(k) for k in a.k.split(",")]
+    drafts = [("ngram", k, f"--draft ngram, k <= {k}") for k in ks]
+    tmp = Path(tempfile.mkdtemp(prefix="cairn-spec-"))
+    for n in a.early_exit:
+        drafts.append((str(early_exit(model, n, tmp)), 4, f"--draft (first {n} layers + head), k <= 4"))
+    drafts += [(d, 4, f"--draft {d}, k <= 4") for d in a.draft_models]
     print(f"{platform.machine()}, {a.threads} threads, {a.dtype or 'checkpoint dtype'}, batch 1, greedy, "
           f"{a.max_tokens} tokens; model {model}")
     results = {}
@@ -85,15 +107,15 @@ def main():
             run(llm, prompts[:1], 8, 1)  # warm-up
             base = run(llm, prompts, a.max_tokens, a.repeat)
         rows = {}
-        for k in ks:
+        for draft, k, label in drafts:
             with LLM(model, EngineConfig(max_seqs=1, threads=a.threads, dtype=a.dtype, max_context=2048,
-                                         draft="ngram", draft_max=k)) as llm:
+                                         draft=draft, draft_max=k)) as llm:
                 run(llm, prompts[:1], 8, 1)
-                rows[k] = run(llm, prompts, a.max_tokens, a.repeat)
+                rows[label] = run(llm, prompts, a.max_tokens, a.repeat)
         print(f"{name}: alone {base['tokens_per_s']:.1f} tok/s ({base['tokens']} tokens)")
-        for k, r in rows.items():
+        for label, r in rows.items():
             acc = "n/a" if r["acceptance"] is None else f"{r['acceptance']:.2f}"
-            print(f"  --draft ngram, k <= {k}: {r['tokens_per_s']:.1f} tok/s = {r['tokens_per_s'] / base['tokens_per_s']:.2f}x; "
+            print(f"  {label}: {r['tokens_per_s']:.1f} tok/s = {r['tokens_per_s'] / base['tokens_per_s']:.2f}x; "
                   f"accepted {acc} of {r['proposed']:.0f} proposed; identical output: {r['outputs'] == base['outputs']}")
         results[name] = {"alone": {k: v for k, v in base.items() if k != "outputs"},
                          "draft": {k: {kk: vv for kk, vv in r.items() if kk != "outputs"} | {

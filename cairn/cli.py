@@ -242,7 +242,12 @@ def _engine_config(device: str, dtype: str | None, threads: int | None, max_cont
     from cairn.config import EngineConfig
 
     return EngineConfig(device=device, dtype=dtype, threads=threads, max_context=max_context, max_seqs=max_seqs,
-                        kv_memory=_kv_bytes(kv_memory), prefix_caching=prefix_cache, draft=draft)
+                        kv_memory=_kv_bytes(kv_memory), prefix_caching=prefix_cache, draft=_draft(draft))
+
+
+def _draft(draft: str | None) -> str | None:
+    """--draft: 'ngram', or a draft model (a .gguf imported once, quantized as the file is)."""
+    return draft if draft in (None, "ngram") else _model(draft, quantized=True)
 
 
 def _kv_bytes(kv_memory: str | None) -> int | None:
@@ -413,7 +418,7 @@ def serve(model_dirs: list[str], host: str = "127.0.0.1", port: int = 8000, api_
         ModelConfig.from_hf_dir(d)
     config = EngineConfig(device=device, dtype=dtype, threads=threads, max_seqs=max_concurrency,
                           max_queue=max_queue, max_context=max_context, kv_memory=_kv_bytes(kv_memory),
-                          prefix_caching=prefix_cache, draft=draft)
+                          prefix_caching=prefix_cache, draft=_draft(draft))
 
     if pool is not None:
         connect = _pool().connect
@@ -589,9 +594,10 @@ _KV = [
              "max-concurrency whole contexts; on CPU half the available memory, backed only as blocks fill)"),
     arg("--no-prefix-cache", dest="prefix_cache", action="store_false",
         help="compute every prompt in full instead of reusing the cached blocks of an earlier identical prefix"),
-    arg("--draft", choices=["ngram"], default=None,
-        help="speculative decoding of greedy requests: ngram proposes the tokens that followed the last few tokens "
-             "where they occurred before (prompt lookup); the model verifies them in one forward, same output"),
+    arg("--draft", default=None, metavar="ngram|MODEL_DIR",
+        help="speculative decoding: ngram proposes the tokens that followed the last few tokens where they occurred "
+             "before (prompt lookup); MODEL_DIR (or .gguf) proposes with a smaller model sharing the tokenizer; the "
+             "model verifies the proposals in one forward, same output"),
 ]
 
 _RUNTIME = [

@@ -339,7 +339,9 @@ class EngineConfig:
     prefix_caching: bool = True
     """Keep the blocks of computed prompt prefixes and reuse them for later requests that start the same way."""
     draft: str | None = None
-    """Speculative decoding of greedy requests: 'ngram' proposes the tokens that followed the latest earlier
-    occurrence of the last few tokens (prompt lookup) and the model verifies them in one forward; None: off."""
+    """Speculative decoding: 'ngram' proposes the tokens that followed the latest earlier occurrence of the last few
+    tokens (prompt lookup); a model directory proposes with that (smaller) model, which must share the tokenizer.
+    The model verifies the proposals in one forward and keeps its own choices, so the output is unchanged.
+    None: off."""
     draft_max: int = 8
     """Most tokens proposed at once (the number adapts to how often proposals are accepted)."""

@@ -48,13 +48,26 @@ def test_accept_greedy(draft, greedy, want):
     (DraftState(6, 1.0, 0), 6, 6, DraftState(8, 1.0, 0)),    # capped at k_max
     (DraftState(4, 1.0, 0), 4, 1, DraftState(2, 0.775, 0)),  # under half: fewer
     (DraftState(4, 1.0, 0), 4, 3, DraftState(4, 0.925, 0)),
-    (DraftState(2, 0.3, 0), 2, 0, DraftState(1, 0.5, 8)),    # average under 1/4: pause
+    (DraftState(2, 0.3, 0), 2, 0, DraftState(1, 0.5, 8, 16)),  # average under 1/4: pause
     (DraftState(1, 0.5, 8), 0, 0, DraftState(1, 0.5, 7)),    # a plain step counts the pause down
     (DraftState(3, 0.9, 0), 0, 0, DraftState(3, 0.9, 0)),
+    (DraftState(1, 0.3, 0, 16), 1, 0, DraftState(1, 0.5, 16, 32)),  # paused again at once: twice as long
+    (DraftState(1, 0.3, 0, 256), 1, 0, DraftState(1, 0.5, 256, 256)),
+    (DraftState(2, 0.9, 0, 32), 2, 2, DraftState(3, 0.93, 0, 8)),  # paying again: pauses start short
 ])
 def test_adapt(state, proposed, accepted, want):
     got = adapt(state, proposed, accepted, k_max=8)
-    assert (got.k, got.pause) == (want.k, want.pause) and got.rate == pytest.approx(want.rate)
+    assert (got.k, got.pause, got.backoff) == (want.k, want.pause, want.backoff)
+    assert got.rate == pytest.approx(want.rate)
+
+
+def test_adapt_pauses_a_costly_draft_below_its_break_even():
+    """A draft model costing 0.8 of a step pays only above 80% acceptance: at half it pauses; on resuming, one
+    accepted proposal keeps it going and one rejected pauses it again (twice as long)."""
+    s = adapt(DraftState(4, 0.85, 0), 4, 2, k_max=8, break_even=0.8)
+    assert (s.k, s.pause) == (1, 8)
+    assert adapt(s, 1, 1, k_max=8, break_even=0.8).pause == 0
+    assert adapt(s, 1, 0, k_max=8, break_even=0.8).pause == 16
 
 
 COPY = [list(range(3, 40)) * 3, list(range(50, 90)) + list(range(50, 70)), [5, 6, 7] * 20, list(range(100, 160))]
@@ -155,3 +168,50 @@ def test_sampled_acceptance_rate_is_the_target_probability():
     sd = (p[1] * (1 - p[1]) / n) ** 0.5
     assert abs(accepted / n - p[1]) < 4 * sd
     assert torch.allclose(counts / n, p, atol=4 * (0.25 / n) ** 0.5)
+
+
+# ----- a draft model (--draft MODEL_DIR)
+
+
+@pytest.fixture(scope="module")
+def early_exit(tiny_model, tmp_path_factory):
+    """A draft model that shares the model's tokenizer: its first layer, norm and head as a checkpoint of its own."""
+    import json
+    import shutil
+
+    path = tmp_path_factory.mktemp("draft") / "m"
+    shutil.copytree(tiny_model, path)
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 1}))
+    return path
+
+
+@pytest.mark.parametrize("draft", ["itself", "early exit"])
+def test_draft_model_output_equals_plain_decoding(tiny_model, plain, early_exit, draft):
+    """Greedy, seeded sampling and batched requests give the model's own tokens; the model drafting for itself has
+    its proposals accepted (all but near-ties between its batched and step-by-step arithmetic)."""
+    params = [SamplingParams(max_tokens=40, temperature=0, ignore_eos=True),
+              SamplingParams(max_tokens=40, temperature=0.8, top_k=20, seed=3, ignore_eos=True)]
+    prompts = COPY + [[9, 8, 7, 6, 5]]
+    want = [[plain.submit(p, sp).result().token_ids for p in prompts] for sp in params]
+    path = tiny_model if draft == "itself" else early_exit
+    with LLM(tiny_model, EngineConfig(max_seqs=2, max_context=256, draft=str(path))) as m:
+        alone = [[m.submit(p, sp).result().token_ids for p in prompts] for sp in params[:1]]
+        greedy = m.kv_stats()  # greedy proposals of the draft, checked by greedy choices
+        alone += [[m.submit(p, sp).result().token_ids for p in prompts] for sp in params[1:]]
+        together = [[c.token_ids for c in m.generate(prompts, sp)] for sp in params]  # more than its 2 draft slots
+    assert alone == want and together == want
+    assert greedy["draft_proposed"] > 0
+    if draft == "itself":
+        assert greedy["draft_accepted"] > 0.9 * greedy["draft_proposed"]
+
+
+def test_draft_model_with_another_tokenizer_is_refused(tiny_model, tmp_path, capsys):
+    from cairn.cli import main
+    from cairn.models.init import init_model
+
+    other = tmp_path / "other"
+    init_model(other, shape="tiny", seed=0, corpus=["completely different words for another vocabulary"] * 50)
+    code = main(["generate", str(tiny_model), "--prompt", "hi", "--max-tokens", "4", "--draft", str(other)])
+    err = capsys.readouterr().err
+    assert code == 2 and "tokenizer differs" in err and len(err.strip().splitlines()) == 1

@@ -212,10 +212,16 @@ class LLM:
             runner = LocalRunner([stage], config.max_seqs, max_context, num_blocks=blocks,
                                  block_size=config.block_size)
         self.runner = runner
+        draft = config.draft
+        if draft not in (None, "ngram"):  # a draft model's directory
+            from cairn.engine.draft_model import load_drafter
+
+            draft = load_drafter(draft, self.tokenizer, cfg.param_count(), config.max_seqs, max_context,
+                                 "float32" if self.dtype == "float16" else None, torch_device(config.device))
         self.engine = Engine(runner, self.tokenizer, load_generation_eos(self.model_dir, cfg),
                              config.max_batch_tokens, config.max_queue, cfg.vocab_size,
                              prefix_caching=config.prefix_caching, window=cfg.sliding_window,
-                             draft=config.draft, draft_max=config.draft_max)
+                             draft=draft, draft_max=config.draft_max)
 
     def _on_engine_thread(self, fn: Callable, *args) -> Any:
         """fn(*args) run by the engine thread between steps (the caller waits): runner calls never compute on the

@@ -91,7 +91,7 @@ class Sequence:
     computed: int = 0  # tokens whose keys/values are in the cache
     in_flight: bool = False  # part of a step submitted and not yet collected
     cached_tokens: int | None = None  # prompt tokens found in the prefix cache when first admitted
-    ngram: NgramIndex | None = None  # speculative decoding by prompt lookup: where its n-grams occurred
+    proposer: Any = None  # speculative decoding: an NgramIndex (prompt lookup) or a draft model's DraftSequence
     draft: DraftState = DraftState()
 
     @property
@@ -125,14 +125,25 @@ class _Step:
     """Draft tokens at the end of each chunk (0: none)."""
 
 
+def _ngram_proposer(prompt: list[int]) -> NgramIndex:
+    index = NgramIndex()
+    index.extend(prompt)
+    return index
+
+
 class Engine:
     """Scheduler + sampler. Not thread-safe: one thread calls add/cancel/step."""
 
     def __init__(self, runner: Runner, tokenizer: Tokenizer, eos_ids: tuple[int, ...], max_batch_tokens: int = 256,
                  max_queue: int = 1024, vocab_size: int | None = None, prefix_caching: bool = True,
-                 window: int | None = None, draft: str | None = None, draft_max: int = 8):
-        if draft not in (None, "ngram"):
-            raise UserError(f"unknown draft {draft!r}: cairn drafts by prompt lookup ('ngram')", param="draft")
+                 window: int | None = None, draft: Any = None, draft_max: int = 8):
+        """draft: None, 'ngram' (prompt lookup), or a drafter with `sequence(prompt)` (draft_model.ModelDrafter)."""
+        if draft == "ngram":
+            self._proposer: Callable | None = _ngram_proposer
+        elif draft is None or callable(getattr(draft, "sequence", None)):
+            self._proposer = None if draft is None else draft.sequence
+        else:
+            raise UserError(f"unknown draft {draft!r}: 'ngram' (prompt lookup) or a draft model", param="draft")
         self.runner, self.tokenizer = runner, tokenizer
         self.eos_ids = frozenset(eos_ids)
         self.max_batch_tokens = max(1, max_batch_tokens)
@@ -151,7 +162,12 @@ class Engine:
         self.preemptions = 0
         self.cached_tokens = 0  # prompt tokens served from the prefix cache, over all requests
         self.prompt_tokens = 0  # prompt tokens admitted, over all requests
-        self.draft, self.draft_max = draft, max(1, draft_max)
+        self.draft_max = max(1, draft_max)
+        self.break_even = getattr(draft, "break_even", 0.25)  # acceptance below which drafting does not pay
+        # Prompt lookup adapts per sequence (some copy, some do not). A draft model's pay-off is mostly a property of
+        # the model pair: one state for all sequences, starting cautiously (k = 1), so a new request does not
+        # relearn that drafting does not pay.
+        self.shared_draft = None if self.break_even <= 0.25 else DraftState(1, min(1.0, self.break_even + 0.05))
         self.draft_proposed = self.draft_accepted = 0  # speculative tokens, over all requests
 
     @property
@@ -196,9 +212,8 @@ class Engine:
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids)
         seq = Sequence(rid, list(prompt), params, max_tokens, sink, TextStream(self.tokenizer, params.stop), seed,
                        stop_ids)
-        if self.draft == "ngram" and params.logprobs is None:  # a draft's tokens carry no logprobs
-            seq.ngram = NgramIndex()
-            seq.ngram.extend(seq.prompt)
+        if self._proposer is not None and params.logprobs is None:  # a draft's tokens carry no logprobs
+            seq.proposer = self._proposer(seq.prompt)
         self.waiting.append(seq)
         return rid
 
@@ -314,10 +329,11 @@ class Engine:
     def _propose(self, seq: Sequence, budget: int, decoding: int) -> tuple[int, ...]:
         """Draft tokens for a decoding sequence (speculative decoding), within the step's token budget, its
         max_tokens and the context, and only while blocks are plentiful (a draft never causes a preemption)."""
-        if seq.ngram is None or seq.draft.pause:
+        state = self.shared_draft or seq.draft
+        if seq.proposer is None or state.pause:
             return ()
         room = min(seq.max_tokens - len(seq.output), self.max_context - len(seq.tokens), budget + 1) - 1
-        d = seq.ngram.propose(min(seq.draft.k, room))
+        d = seq.proposer.propose(min(state.k, room))
         if blocks_for(seq.computed + 1 + len(d), self.blocks.block_size) - len(self.blocks.table(seq)) + decoding \
                 > self.blocks.available:
             return ()
@@ -342,8 +358,12 @@ class Engine:
             self.blocks.commit(seq, seq.tokens, seq.computed)
             if self.window is not None:  # keys at positions <= computed - window are never attended to again
                 self.blocks.drop_before(seq, seq.computed - self.window + 1)
-            if seq.ngram is not None and seq.output:  # a decode step: adapt the draft length
-                seq.draft = adapt(seq.draft, drafted, len(then), self.draft_max)
+            if seq.proposer is not None and seq.output:  # a decode step: adapt the draft length
+                state = adapt(self.shared_draft or seq.draft, drafted, len(then), self.draft_max, self.break_even)
+                if self.shared_draft is None:
+                    seq.draft = state
+                else:
+                    self.shared_draft = state
                 self.draft_proposed += drafted
                 self.draft_accepted += len(then)
             if choice is not None:  # prompt done (or decode step): a new token is due (more after a draft)
@@ -362,8 +382,8 @@ class Engine:
         if seq.params.logprobs is not None:
             lp = TokenLogprob(token, choice.logprob, choice.top)
         seq.output.append(token)
-        if seq.ngram is not None:
-            seq.ngram.extend((token,))
+        if seq.proposer is not None:
+            seq.proposer.extend((token,))
         finish: FinishReason | None = None
         if token in seq.stop_ids:
             text, finish = "", "stop"
@@ -383,6 +403,9 @@ class Engine:
         seq.sink(Event(seq.id, None, "", None, reason, error, cached_tokens=seq.cached_tokens or 0))
 
     def _release(self, seq: Sequence) -> None:
+        close = getattr(seq.proposer, "close", None)  # a draft model's slot
+        if close is not None:
+            close()
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:

@@ -68,21 +68,30 @@ class DraftState:
     """Moving average of the fraction of proposed tokens accepted."""
     pause: int = 0
     """Steps to decode without proposing (after a run of poor acceptance)."""
+    backoff: int = 8
+    """The next pause's length: doubled each time proposing is paused again soon after a pause (up to 256)."""
 
 
-def adapt(state: DraftState, proposed: int, accepted: int, k_max: int) -> DraftState:
+MAX_BACKOFF = 256
+
+
+def adapt(state: DraftState, proposed: int, accepted: int, k_max: int, break_even: float = 0.25) -> DraftState:
     """The state after a step that proposed `proposed` tokens and had `accepted` of them accepted (proposed 0: a
     plain decode step). All accepted: propose more (up to k_max); under half: fewer. When the average acceptance
-    falls below 1/4, pause for 8 steps and start again from k = 1 (a wasted proposal costs compute in a batch)."""
+    falls below `break_even` (the rate at which a one-token proposal pays for itself: ~0 cost for prompt lookup,
+    where 1/4 keeps batches lean; a draft model's cost relative to the model's), pause and start again from k = 1;
+    a pause that follows a pause lasts twice as long, so a draft that never pays costs less and less."""
     if proposed == 0:
-        return DraftState(state.k, state.rate, max(0, state.pause - 1))
+        return DraftState(state.k, state.rate, max(0, state.pause - 1), state.backoff)
     rate = 0.7 * state.rate + 0.3 * accepted / proposed
-    if rate < 0.25:
-        return DraftState(1, 0.5, 8)
+    if rate < break_even:
+        # resume just above the threshold: one accepted proposal keeps drafting, one rejected pauses again
+        resume = max(0.5, min(1.0, (break_even - 0.3) / 0.7 + 0.01))
+        return DraftState(1, resume, state.backoff, min(MAX_BACKOFF, 2 * state.backoff))
     if accepted == proposed:
         k = min(k_max, state.k + max(1, state.k // 2))
     elif 2 * accepted < proposed:
         k = max(1, state.k // 2)
     else:
         k = state.k
-    return DraftState(k, rate, 0)
+    return DraftState(k, rate, 0, 8 if rate >= break_even + 0.1 else state.backoff)
