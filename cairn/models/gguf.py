@@ -245,7 +245,8 @@ def quant_plan(types: dict[str, str]) -> qz.QuantConfig | None:
     int8, a Q4_0 one among Q4_1 layers gets zero points 0; anything else stays in floating point, and so do
     fused groups (q/k/v, gate/up) whose members would differ."""
     layers = [t for n, t in types.items() if n.startswith("model.layers.")]
-    main = max(set(layers), key=layers.count) if layers else None
+    # the most common type; in a tie Q4_1, whose format holds Q4_0 too (then by name, so the choice is stable)
+    main = max(sorted(set(layers)), key=lambda t: (layers.count(t), t == "Q4_1")) if layers else None
     if main not in KEPT_FORMATS:
         return None
     fmt = KEPT_FORMATS[main]
