@@ -216,8 +216,7 @@ class LLM:
         if draft not in (None, "ngram"):  # a draft model's directory
             from cairn.engine.draft_model import load_drafter
 
-            draft = load_drafter(draft, self.tokenizer, cfg.param_count(), config.max_seqs, max_context,
-                                 "float32" if self.dtype == "float16" else None, torch_device(config.device))
+            draft = load_drafter(draft, self.tokenizer, cfg.param_count(), max_context, config)
         self.engine = Engine(runner, self.tokenizer, load_generation_eos(self.model_dir, cfg),
                              config.max_batch_tokens, config.max_queue, cfg.vocab_size,
                              prefix_caching=config.prefix_caching, window=cfg.sliding_window,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from cairn.config import EngineConfig, ModelConfig
 from cairn.engine.runner import Chunk, LocalRunner
 from cairn.engine.sampling import GREEDY
 from cairn.errors import UserError
@@ -82,16 +83,17 @@ def check_same_tokenizer(target: Tokenizer, draft: Tokenizer, draft_path: str | 
                         f"{differ} entries differ); a draft model must share the model's tokenizer", param="draft")
 
 
-def load_drafter(path: str | Path, target: Tokenizer, target_params: int, max_seqs: int, max_context: int,
-                 dtype: str | None, device) -> ModelDrafter:
+def load_drafter(path: str | Path, target: Tokenizer, target_params: int, max_context: int,
+                 config: EngineConfig) -> ModelDrafter:
     """The draft model at `path` (an HF checkpoint directory, quantized or not), checked to share the target's
     tokenizer, with a KV slot for each of the engine's sequences. Its cost per proposed token is taken as its
     share of the model's parameters (decoding at small batches reads every weight once per step)."""
-    from cairn.config import ModelConfig
+    from cairn.engine.api import resolve_dtype
     from cairn.models.checkpoint import load_stage
+    from cairn.models.device import torch_device
 
     cfg = ModelConfig.from_hf_dir(path)
     check_same_tokenizer(target, Tokenizer.from_dir(path), path)
-    stage = load_stage(path, cfg, dtype=dtype or cfg.dtype, device=device)
-    runner = LocalRunner([stage], max_seqs, min(max_context, cfg.max_position_embeddings))
+    stage = load_stage(path, cfg, dtype=resolve_dtype(cfg, config), device=torch_device(config.device))
+    runner = LocalRunner([stage], config.max_seqs, min(max_context, cfg.max_position_embeddings))
     return ModelDrafter(runner, str(path), cfg.param_count() / target_params)
