@@ -26,6 +26,8 @@ from typing import Literal
 
 import torch
 
+from cairn.quant.weights import pack_int4, unpack_int4
+
 WireDType = Literal["fp32", "bf16", "int8", "int4"]
 WIRE_DTYPES: tuple[str, ...] = ("fp32", "bf16", "int8", "int4")
 
@@ -148,8 +150,7 @@ def encode_blocks(x: torch.Tensor, fmt: BlockFormat) -> Blocks:
     codes = torch.where(s > 0, torch.round(y / torch.where(s > 0, s, 1.0)), 0.0).clamp(-fmt.levels, fmt.levels)
     codes = codes.to(torch.int8).view(n, nb * fmt.block)  # (N, nb * B)
     if fmt.bits == 4:
-        nib = (codes + 8).to(torch.uint8)  # (N, nb * B) in [1, 15]
-        codes = nib[:, 0::2] | (nib[:, 1::2] << 4)  # (N, nb * B / 2)
+        codes = pack_int4((codes + 8).to(torch.uint8))  # (N, nb * B / 2): codes + 8 in [1, 15], two a byte
     return Blocks(fmt, d, codes, scales, index.to(_index_dtype(d)), values)
 
 
@@ -158,8 +159,7 @@ def decode_blocks(p: Blocks) -> torch.Tensor:
     fmt, codes = p.fmt, p.codes
     n, nb = p.scales.shape
     if fmt.bits == 4:
-        nib = torch.stack((codes & 0xF, codes >> 4), dim=-1)  # (N, nb * B / 2, 2)
-        codes = nib.view(n, nb * fmt.block).to(torch.int8) - 8  # (N, nb * B)
+        codes = unpack_int4(codes).to(torch.int8) - 8  # (N, nb * B)
     y = codes.float().view(n, nb, fmt.block) * p.scales.float()[..., None]  # (N, nb, B)
     x = hadamard(y).view(n, nb * fmt.block)[:, : p.width]  # (N, D)
     return x.scatter(-1, p.index.long(), p.values)
