@@ -282,18 +282,19 @@ class LocalRunner:
 
     def submit(self, chunks: list[Chunk], rows: list[RowSampling | None]) -> list[Choice | None]:
         """Runs the step at once; the handle is its result."""
-        x = None
-        for ex in self.executors:
-            x = ex.run(chunks, x, rows)
-        return choose(x, rows)
+        return choose(self._run(chunks, rows), rows)
 
     def collect(self, handle: list[Choice | None]) -> list[Choice | None]:
         return handle
 
     def forward(self, chunks: list[Chunk]) -> torch.Tensor:
+        return self._run(chunks)
+
+    def _run(self, chunks: list[Chunk], rows: list[RowSampling | None] | None = None) -> torch.Tensor:
+        """The chunks through every stage: the last stage's logits (StageExecutor.run)."""
         x = None
         for ex in self.executors:
-            x = ex.run(chunks, x)
+            x = ex.run(chunks, x, rows)
         return x
 
     @torch.inference_mode()
