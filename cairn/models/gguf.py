@@ -33,7 +33,7 @@ from cairn.models.gguf_vocab import GGUFVocab, build_tokenizer, tokenizer_config
 from cairn.models import quantized as qz
 from cairn.models.llama import TORCH_DTYPES
 from cairn.quant import ggml
-from cairn.quant.weights import QuantFormat
+from cairn.quant.weights import QuantFormat, QuantizedWeight
 from cairn.types import LayerRange
 
 Q = gguf.GGMLQuantizationType
@@ -321,11 +321,13 @@ def read_gguf(path: str | Path, dtype: str = "float32", progress: bool = False, 
     tensors: dict[str, torch.Tensor] = {}
     for name, t in tqdm(raw.items(), desc=f"importing {path.name}", unit="tensor", disable=not progress):
         hf = hf_name(name)
+        heads = None  # q/k rows to put back in HF order (a permutation of whole rows: codes and scales alike)
+        if arch in PERMUTED_ARCHS:
+            heads = cfg.num_heads if ".attn_q." in name else cfg.num_kv_heads if ".attn_k." in name else None
         if qz.is_quantized(plan, hf):
             qw = _read_quantized(t)
             parts = qz.to_tensors(hf, qw)
-            heads = cfg.num_heads if ".attn_q." in name else cfg.num_kv_heads if ".attn_k." in name else None
-            if arch in PERMUTED_ARCHS and heads is not None:  # a permutation of whole rows: codes and scales alike
+            if heads is not None:
                 parts = {k: unpermute_qk(v, heads) for k, v in parts.items()}
             base = hf.removesuffix(".weight")
             if qw.zeros is None and not plan.fmt_of(hf).symmetric:  # Q4_0 among Q4_1 layers: zero points 0
@@ -333,10 +335,8 @@ def read_gguf(path: str | Path, dtype: str = "float32", progress: bool = False, 
             tensors.update(parts)
             continue
         w = torch.from_numpy(_dequantize(t).reshape(shapes[name]))
-        if arch in PERMUTED_ARCHS and ".attn_q." in name:
-            w = unpermute_qk(w, cfg.num_heads)
-        elif arch in PERMUTED_ARCHS and ".attn_k." in name:
-            w = unpermute_qk(w, cfg.num_kv_heads)
+        if heads is not None:
+            w = unpermute_qk(w, heads)
         tensors[hf] = w.to(torch_dtype)
     counts: dict[str, int] = {}
     for t in reader.tensors:
@@ -346,7 +346,7 @@ def read_gguf(path: str | Path, dtype: str = "float32", progress: bool = False, 
     return GGUFModel(cfg, tensors, vocab, tokenizer, provenance, plan)
 
 
-def _read_quantized(t) -> Any:
+def _read_quantized(t) -> QuantizedWeight:
     try:
         return ggml.read(t.data, t.tensor_type.name)
     except ValueError as e:
