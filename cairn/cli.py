@@ -18,19 +18,48 @@ from cairn.errors import CairnError, UserError
 
 
 def init_model(out_dir: str, shape: str = "tiny", arch: str = "llama", seed: int = 0, corpus: str | None = None,
-               dtype: str = "float32") -> int:
+               dtype: str = "float32", teacher: str | None = None, layers: int | None = None, select: str = "even",
+               width_from: str | None = None) -> int:
     """Write a randomly initialised model in Hugging Face layout (config.json, model.safetensors, tokenizer.json,
     tokenizer_config.json with a chat template, generation_config.json). The byte-level BPE tokenizer is trained
-    on --corpus (a text file, or JSONL with a "text" field) or on a small text cairn ships."""
+    on --corpus (a text file, or JSONL with a "text" field) or on a small text cairn ships. With --from TEACHER
+    --layers N: a student that keeps N of the teacher's layers (--select even, or importance: the N that turn the
+    hidden state most on --corpus); with --width-from TEACHER --layers N: random weights of the teacher's width,
+    its tokenizer and chat template."""
     from cairn.models.init import init_model as run
 
     texts = None
     if corpus is not None:
         texts = _read_corpus(Path(corpus))
+    if teacher is not None or width_from is not None:
+        return _student(out_dir, teacher, width_from, layers, select, texts, seed)
+    if layers is not None:
+        raise UserError("--layers needs --from TEACHER or --width-from TEACHER", param="layers")
     t0 = time.perf_counter()
     cfg = run(out_dir, shape=shape, arch=arch, seed=seed, corpus=texts, dtype=dtype)
     print(f"wrote {arch} {shape} ({cfg.param_count() / 1e6:.1f}M parameters, {cfg.num_layers} layers, "
           f"vocab {cfg.vocab_size}) to {out_dir} in {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+def _student(out_dir: str, teacher: str | None, width_from: str | None, layers: int | None, select: str,
+             texts: list[str] | None, seed: int) -> int:
+    from cairn.models.corpus import shipped_corpus
+    from cairn.models.student import make_student
+
+    if teacher is not None and width_from is not None:
+        raise UserError("give --from (copy the teacher's layers) or --width-from (random weights), not both",
+                        param="width_from")
+    if layers is None:
+        raise UserError("--layers N is required with --from / --width-from", param="layers")
+    src = _model(teacher or width_from)
+    if select == "importance" and texts is None:
+        texts = shipped_corpus(400)
+    t0 = time.perf_counter()
+    cfg, kept = make_student(src, out_dir, layers, select, texts, random_init=width_from is not None, seed=seed)
+    what = f"layers {kept} of" if kept else "random weights in the shape of"
+    print(f"wrote a {cfg.num_layers}-layer student ({cfg.param_count() / 1e6:.1f}M parameters; {what} "
+          f"{teacher or width_from}) to {out_dir} in {time.perf_counter() - t0:.1f}s")
     return 0
 
 
@@ -70,8 +99,8 @@ def tokenizer_train(corpus: list[str], vocab_size: int, out: str) -> int:
 
 
 def train(config: str | None = None, pool: str | None = None, token: str | None = None, **options) -> int:
-    """Train a model: pretrain on raw text, supervised fine-tuning on chat or alpaca JSONL, or DPO on comparisons;
-    full fine-tuning or LoRA. Options come from CONFIG.yaml (keys as in the README) and flags, flags winning.
+    """Train a model: pretrain on raw text, supervised fine-tuning on chat or alpaca JSONL, DPO on comparisons, or
+    distill a teacher (--teacher, or --teacher-logits from `cairn synth --save-logits`); full fine-tuning or LoRA. Options come from CONFIG.yaml (keys as in the README) and flags, flags winning.
     Writes an HF checkpoint to --out (plus adapter/ under LoRA), resumable checkpoints, metrics.jsonl and loss.png.
     --pool ADDRESS --workers N (or a `distributed:` section in the config) trains on N pool devices with DiLoCo (or
     --sync every-step)."""
@@ -81,6 +110,8 @@ def train(config: str | None = None, pool: str | None = None, token: str | None 
         options["progress"] = False
     cfg = TrainConfig.build(config, pool=pool, **options)
     cfg = dataclasses.replace(cfg, model=_model(cfg.model))  # a .gguf starting model: imported once
+    if cfg.teacher is not None:
+        cfg = dataclasses.replace(cfg, teacher=_model(cfg.teacher))
     if cfg.model and _quantized(cfg.model) and not cfg.lora:
         raise UserError(f"{cfg.model} is a quantized checkpoint: train LoRA adapters on it (lora: true; its weights "
                         f"stay frozen), or train the unquantized model", param="model")
@@ -175,6 +206,39 @@ def evaluate(model_dir: str | None = None, perplexity: list[str] | None = None, 
     ev.save(result, out)
     print(ev.format_table([result]))
     print(f"wrote {out}")
+    return 0
+
+
+def synth(teacher: str, out: str, seeds: str | None = None, from_docs: str | None = None, self_instruct: bool = False,
+          per_source: int = 1, count: int = 100, temperature: float = 0.7, top_p: float = 0.95, max_tokens: int = 256,
+          instruction_tokens: int = 64, seed: int = 0, batch: int = 64, min_chars: int = 8, max_chars: int = 4000,
+          judge_min: int | None = None, save_logits: int = 0, system: str | None = None, max_concurrency: int = 16,
+          device: str = "cpu", dtype: str | None = None, threads: int | None = None, pool: str | None = None,
+          token: str | None = None, wire_dtype: str = "fp32") -> int:
+    """A teacher writes instruction data to OUT (chat JSONL for `cairn train --recipe sft|distill`): questions about
+    the topics in --seeds FILE (or its JSONL "instruction"s answered as given), questions grounded in the passages
+    of --from-docs DIR, or --self-instruct (the teacher writes the user turn itself, --count examples). Exact and
+    near-duplicate instructions, empty, truncated and refusing answers and out-of-range lengths are dropped;
+    --judge-min N keeps only answers the teacher rates N or more (1-5). Rerun the same command to resume.
+    --save-logits K also keeps the teacher's top-K logprobs per token in OUT.logits/ (for --teacher-logits)."""
+    from cairn.data.commands import mode_of, synthesize
+    from cairn.data.synth import SynthConfig
+
+    mode = mode_of(seeds, from_docs, self_instruct)
+    for name, value, low in (("per-source", per_source, 1), ("count", count, 1), ("max-tokens", max_tokens, 1),
+                             ("instruction-tokens", instruction_tokens, 1), ("batch", batch, 1),
+                             ("save-logits", save_logits, 0), ("min-chars", min_chars, 0)):
+        if value < low:
+            raise UserError(f"--{name} must be at least {low}, got {value}", param=name.replace("-", "_"))
+    if judge_min is not None and not 1 <= judge_min <= 5:
+        raise UserError(f"--judge-min must be 1-5, got {judge_min}", param="judge_min")
+    if save_logits and pool is not None:
+        raise UserError("--save-logits needs the teacher in this process; leave out --pool", param="save_logits")
+    cfg = SynthConfig(mode, per_source, count, temperature, top_p, max_tokens, instruction_tokens, seed, batch,
+                      min_chars, max_chars, judge_min=judge_min, save_logits=save_logits, system=system)
+    config = _engine_config(device, dtype, threads, max_seqs=max_concurrency)
+    with _load_llm(teacher, config, pool, token, wire_dtype) as llm:
+        synthesize(llm, cfg, out, teacher, seeds, from_docs, show=sys.stderr.isatty())
     return 0
 
 
@@ -614,6 +678,11 @@ COMMANDS: dict[str, tuple[Callable[..., int], list[Arg]]] = {
         arg("--seed", type=int, default=0),
         arg("--corpus", default=None, help="text file (or .jsonl with a text field) to train the tokenizer on"),
         arg("--dtype", default="float32", choices=["float32", "bfloat16", "float16"]),
+        arg("--from", dest="teacher", default=None, metavar="TEACHER", help="keep --layers of this model's layers"),
+        arg("--layers", type=int, default=None, help="student layers (with --from or --width-from)"),
+        arg("--select", choices=["even", "importance"], default="even",
+            help="which teacher layers: evenly spaced, or the most influential on --corpus"),
+        arg("--width-from", default=None, metavar="TEACHER", help="random student of this model's width"),
     ]),
     "tokenizer train": (tokenizer_train, [
         arg("corpus", nargs="+", metavar="CORPUS"),
@@ -665,7 +734,10 @@ COMMANDS: dict[str, tuple[Callable[..., int], list[Arg]]] = {
     ]),
     "train": (train, [
         arg("config", nargs="?", default=None, metavar="CONFIG.yaml"),
-        arg("--recipe", choices=["pretrain", "sft", "dpo"], default=None),
+        arg("--recipe", choices=["pretrain", "sft", "dpo", "distill"], default=None),
+        arg("--teacher", default=None, help="distill: teacher checkpoint (or .gguf), same tokenizer as --model"),
+        arg("--teacher-logits", default=None, metavar="DIR", help="distill: a `cairn synth --save-logits` cache"),
+        arg("--distill-loss", choices=["forward_kl", "reverse_kl", "jsd"], default=None),
         arg("--model", default=None, help="starting checkpoint (HF layout)"),
         arg("--data", nargs="+", default=None, help="training files (.txt/.jsonl)"),
         arg("--eval-data", nargs="+", default=None, help="held-out files (default: hold out --eval-fraction)"),
@@ -675,7 +747,9 @@ COMMANDS: dict[str, tuple[Callable[..., int], list[Arg]]] = {
             ("max-steps", int), ("epochs", float), ("lr", float), ("warmup-steps", int), ("min-lr-ratio", float),
             ("weight-decay", float), ("clip-grad", float), ("threads", int), ("seed", int), ("eval-every", int),
             ("save-every", int), ("keep-checkpoints", int), ("log-every", int), ("lora-rank", int),
-            ("lora-alpha", float), ("lora-dropout", float), ("dpo-beta", float)]],
+            ("lora-alpha", float), ("lora-dropout", float), ("dpo-beta", float), ("distill-alpha", float),
+            ("distill-temperature", float), ("distill-beta", float), ("on-policy", float),
+            ("on-policy-tokens", int)]],
         arg("--schedule", choices=["cosine", "linear", "constant"], default=None),
         arg("--precision", choices=["auto", "bf16", "fp32"], default=None),
         arg("--device", default=None, help="cpu, cuda or cuda:N"),
@@ -707,6 +781,29 @@ COMMANDS: dict[str, tuple[Callable[..., int], list[Arg]]] = {
         arg("--max-context", type=int, default=None, help="context to allocate (default min(model's, 4096))"),
         arg("--out", default=None, help="JSON results (default eval-NAME.json)"),
         arg("--compare", nargs="+", default=None, metavar="RESULT", help="print result files side by side"),
+        *_RUNTIME,
+        *_POOL,
+    ]),
+    "synth": (synth, [
+        arg("teacher", metavar="TEACHER", help="the model that writes the data (directory or .gguf)"),
+        arg("--out", required=True, help="output chat JSONL (appended to when resuming)"),
+        arg("--seeds", default=None, metavar="FILE", help="topics (text lines) or JSONL instruction/topic records"),
+        arg("--from-docs", default=None, metavar="DIR", help=".txt/.md files whose passages ground the questions"),
+        arg("--self-instruct", action="store_true", help="the teacher invents the instructions (Magpie)"),
+        arg("--per-source", type=int, default=1, help="questions per seed topic or passage"),
+        arg("--count", type=int, default=100, help="--self-instruct: examples to keep"),
+        arg("--temperature", type=float, default=0.7),
+        arg("--top-p", type=float, default=0.95),
+        arg("--max-tokens", type=int, default=256, help="longest answer; longer ones are dropped as truncated"),
+        arg("--instruction-tokens", type=int, default=64, help="longest teacher-written instruction"),
+        arg("--seed", type=int, default=0),
+        arg("--batch", type=int, default=64, help="tasks in flight and written together"),
+        arg("--min-chars", type=int, default=8),
+        arg("--max-chars", type=int, default=4000),
+        arg("--judge-min", type=int, default=None, help="keep answers the teacher rates at least this (1-5)"),
+        arg("--save-logits", type=int, default=0, metavar="K", help="keep the teacher's top-K logprobs per token"),
+        arg("--system", default=None, help="system message for the answers"),
+        arg("--max-concurrency", type=int, default=16, help="sequences decoded together"),
         *_RUNTIME,
         *_POOL,
     ]),

@@ -274,6 +274,21 @@ class LLM:
         return [None] + [TokenLogprob(t, float(logsm[i, t]), tuple(top_logprobs(logsm[i], top)))
                          for i, t in enumerate(ids[1:])]
 
+    def prompt_top(self, ids: list[int], k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's top-k token ids (int32) and logprobs after each of ids[:-1]: (n - 1, k) each, row i for the
+        token after ids[:i + 1] (what a distillation cache keeps). On the engine thread; local runners only."""
+        score = getattr(self.runner, "prompt_logits", None)
+        if score is None:
+            raise UserError("the teacher's top-k logits need the model in this process, not served by a pool",
+                            param="save_logits")
+        self.engine.check(ids, SamplingParams(max_tokens=None))
+
+        def run():
+            values, top = torch.log_softmax(score(ids)[:-1].float(), -1).topk(k, -1)
+            return top.to(torch.int32), values
+
+        return self._on_engine_thread(run)
+
     def score(self, ids: list[int]) -> tuple[list[float], list[bool]]:
         """The logprob of each of ids[1:] given the ones before it, and whether it was the greedy choice: what
         evaluation (perplexity, multiple choice) needs. At most the context length; local or pool alike."""

@@ -19,7 +19,7 @@ from cairn.config import EngineConfig, ModelConfig
 from cairn.engine.runner import Chunk, LocalRunner
 from cairn.engine.sampling import GREEDY
 from cairn.errors import UserError
-from cairn.models.tokenizer import Tokenizer
+from cairn.models.tokenizer import Tokenizer, vocab_mismatch
 
 
 class ModelDrafter:
@@ -76,11 +76,10 @@ class DraftSequence:
 
 def check_same_tokenizer(target: Tokenizer, draft: Tokenizer, draft_path: str | Path) -> None:
     """A draft proposes token ids: they mean the same only with the same vocabulary (a clear error otherwise)."""
-    a, b = target.tok.get_vocab(with_added_tokens=True), draft.tok.get_vocab(with_added_tokens=True)
-    if a != b:
-        differ = len(set(a.items()) ^ set(b.items()))
-        raise UserError(f"--draft {draft_path}: its tokenizer differs from the model's ({len(b)} vs {len(a)} tokens, "
-                        f"{differ} entries differ); a draft model must share the model's tokenizer", param="draft")
+    why = vocab_mismatch(target, draft)
+    if why is not None:
+        raise UserError(f"--draft {draft_path}: its tokenizer differs from the model's ({why}); a draft model must "
+                        "share the model's tokenizer", param="draft")
 
 
 def load_drafter(path: str | Path, target: Tokenizer, target_params: int, max_context: int,

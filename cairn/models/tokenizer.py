@@ -157,3 +157,12 @@ class Tokenizer:
 
 def _raise_template_error(message: str):
     raise TemplateError(message)
+
+
+def vocab_mismatch(a: Tokenizer, b: Tokenizer) -> str | None:
+    """None when two tokenizers map the same strings to the same ids (so token ids mean the same to both models:
+    a draft and its target, a teacher and its student); else how they differ, in words."""
+    va, vb = a.tok.get_vocab(with_added_tokens=True), b.tok.get_vocab(with_added_tokens=True)
+    if va == vb:
+        return None
+    return f"{len(vb)} vs {len(va)} tokens, {len(set(va.items()) ^ set(vb.items()))} entries differ"

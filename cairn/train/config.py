@@ -28,8 +28,9 @@ class TrainConfig:
     (strict: no 1.5 for an int, no 5 for a path; an int is a valid float); `build` turns a wrong one into a one-line
     UserError naming key, value and what was expected."""
 
-    recipe: Literal["pretrain", "sft", "dpo"]
-    """'pretrain' (raw text, packed), 'sft' (chat / alpaca JSONL, loss on assistant tokens) or 'dpo' (comparisons)."""
+    recipe: Literal["pretrain", "sft", "dpo", "distill"]
+    """'pretrain' (raw text, packed), 'sft' (chat / alpaca JSONL, loss on assistant tokens), 'dpo' (comparisons) or
+    'distill' (chat JSONL or text, learning from a teacher's token distributions)."""
     model: str
     """Starting checkpoint (HF layout): a fresh `cairn init-model` or a trained model."""
     data: tuple[str, ...]
@@ -94,6 +95,23 @@ class TrainConfig:
     """Also write the merged full checkpoint to out/ (the adapter always goes to out/adapter)."""
     dpo_beta: float = 0.1
     """DPO temperature on the log-ratio margin."""
+    teacher: str | None = None
+    """distill: the teacher checkpoint, run in this process for its logits (must share the student's tokenizer)."""
+    teacher_logits: str | None = None
+    """distill: instead of a teacher, the top-K cache `cairn synth --save-logits K` wrote for the data."""
+    distill_alpha: float = 0.5
+    """distill: loss = alpha x cross-entropy + (1 - alpha) x KD (1 is plain SFT)."""
+    distill_temperature: float = 1.0
+    """distill: softmax temperature of both distributions (the KD term is scaled by T^2)."""
+    distill_loss: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    """distill: the divergence, KL(teacher || student), KL(student || teacher) or the generalised JSD."""
+    distill_beta: float = 0.5
+    """distill: the JSD's mixture weight beta (0 is reverse KL, 1 forward KL)."""
+    on_policy: float = 0.0
+    """distill: share of micro-batches whose targets the student writes itself (sampled from the prompts of the
+    data), scored by the teacher with the KD loss only (GKD's lambda); needs `teacher`."""
+    on_policy_tokens: int = 64
+    """distill: tokens the student writes per prompt on an on-policy micro-batch."""
     too_long: Literal["truncate", "refuse"] = "truncate"
     """Sequences longer than seq_len: 'truncate' (with a warning) or 'refuse'."""
     skip_bad_lines: bool = False
@@ -165,6 +183,21 @@ class TrainConfig:
             bad("lora_dropout", f"must be below 1, got {self.lora_dropout}")
         if self.dpo_beta <= 0:
             bad("dpo_beta", f"must be positive, got {self.dpo_beta}")
+        if self.recipe == "distill":
+            if (self.teacher is None) == (self.teacher_logits is None):
+                bad("teacher", "distill needs a teacher checkpoint (teacher) or a teacher cache (teacher_logits), "
+                               "exactly one of them")
+            if self.on_policy and self.teacher is None:
+                bad("on_policy", "on-policy distillation needs the teacher itself (teacher), not a cache")
+        elif self.teacher is not None or self.teacher_logits is not None:
+            bad("teacher", f"a teacher is only used by the distill recipe, not {self.recipe}")
+        for name in ("distill_alpha", "distill_beta", "on_policy"):
+            if not 0 <= getattr(self, name) <= 1:
+                bad(name, f"must be in [0, 1], got {getattr(self, name)}")
+        if self.distill_temperature <= 0:
+            bad("distill_temperature", f"must be positive, got {self.distill_temperature}")
+        if self.on_policy_tokens < 1:
+            bad("on_policy_tokens", f"must be at least 1, got {self.on_policy_tokens}")
 
     @property
     def lora(self) -> bool:
@@ -190,7 +223,7 @@ class TrainConfig:
         hints = typing.get_type_hints(cls)
         for key, v in values.items():
             want = hints[key]
-            if key in ("model", "out", "data", "eval_data"):  # from Python, a Path is as good as a str
+            if key in ("model", "out", "data", "eval_data", "teacher", "teacher_logits"):  # from Python, a Path is as good as a str
                 v = values[key] = [_fspath(x) for x in v] if isinstance(v, (list, tuple)) else _fspath(v)
             if typing.get_origin(want) is tuple and isinstance(v, list):
                 values[key] = tuple(v)

@@ -24,6 +24,10 @@ class Example:
     """Tokens, inputs and targets together."""
     mask: list[bool]
     """mask[t]: ids[t] is a target (predicted from ids[:t])."""
+    key: str | None = None
+    """The record's "id" (what a teacher cache is keyed by), when it has one."""
+    where: str = ""
+    """file:line of the record, for messages."""
 
 
 @dataclass(frozen=True)
@@ -184,7 +188,7 @@ def _fit(ex: Example, seq_len: int, where: str, too_long: str, stats: DataStats)
         if too_long == "refuse":
             raise UserError(f"{where}: {len(ex.ids) - 1} tokens is longer than seq_len {seq_len} "
                             "(raise seq_len or set too_long: truncate)")
-        ex = Example(ex.ids[: seq_len + 1], ex.mask[: seq_len + 1])
+        ex = Example(ex.ids[: seq_len + 1], ex.mask[: seq_len + 1], ex.key, ex.where)
         stats.truncated += 1
     if not any(ex.mask[1:]):
         stats.dropped += 1
@@ -204,7 +208,8 @@ def sft_examples(records, tok: Tokenizer, seq_len: int, too_long: str, skip_bad:
         stats.records += 1
         ex = _fit(render_masked(tok, msgs), seq_len, where, too_long, stats)
         if ex is not None:
-            out.append(ex)
+            key = rec.get("id")
+            out.append(Example(ex.ids, ex.mask, key if isinstance(key, str) else None, where))
     return out
 
 
@@ -243,6 +248,14 @@ def dpo_pairs(records, tok: Tokenizer, seq_len: int, too_long: str, skip_bad: bo
     return out
 
 
+def is_text(paths: tuple[str, ...], records: list[tuple[str, dict]]) -> bool:
+    """distill reads text (.txt files, or JSONL whose records are all {"text": ...}) like pretrain and chat or
+    alpaca JSONL like sft."""
+    if all(Path(p).suffix not in (".jsonl", ".json") for p in paths):
+        return True
+    return bool(records) and all("text" in r and "messages" not in r and "instruction" not in r for _, r in records)
+
+
 # --- assembly -----------------------------------------------------------------------------------------------------
 
 
@@ -251,14 +264,18 @@ def build_datasets(cfg, tok: Tokenizer, eos_ids: tuple[int, ...]) -> Datasets:
     stats = DataStats()
 
     def load(paths: tuple[str, ...]) -> list:
-        records = read_records(paths, cfg.skip_bad_lines, stats, allow_text=cfg.recipe == "pretrain")
-        if cfg.recipe == "pretrain":
+        records = read_records(paths, cfg.skip_bad_lines, stats, allow_text=cfg.recipe in ("pretrain", "distill"))
+        text = cfg.recipe == "pretrain" or (cfg.recipe == "distill" and is_text(paths, records))
+        if text:
+            if cfg.recipe == "distill" and cfg.teacher_logits is not None:
+                raise UserError("a teacher cache covers the chat records `cairn synth` wrote; distil from text with "
+                                "the teacher itself (teacher)", param="teacher_logits")
             return pretrain_examples(records, tok, document_separator(tok, eos_ids), cfg.seq_len,
                                      cfg.skip_bad_lines, stats)
-        if cfg.recipe in ("sft", "dpo") and not tok.chat_template:
+        if not tok.chat_template:
             raise UserError(f"{cfg.model} has no chat template (tokenizer_config.json: chat_template), which "
                             f"{cfg.recipe} needs to render conversations")
-        fn = sft_examples if cfg.recipe == "sft" else dpo_pairs
+        fn = dpo_pairs if cfg.recipe == "dpo" else sft_examples
         return fn(records, tok, cfg.seq_len, cfg.too_long, cfg.skip_bad_lines, stats)
 
     train = load(cfg.data)

@@ -24,7 +24,9 @@ from cairn.models.tokenizer import Tokenizer
 from cairn.train import lora
 from cairn.train.config import TrainConfig
 from cairn.train.data import Batch, Datasets, batches_per_epoch, build_datasets, collate, micro_batch_indices
+from cairn.train.distill import distill_loss_sum
 from cairn.train.losses import dpo_terms, lm_loss_sum, sequence_logprobs
+from cairn.train.teacher import TeacherSignal, check_teacher, prompt_of, student_samples
 from cairn.train.rundir import RunDir
 from cairn.types import LayerRange
 
@@ -77,6 +79,7 @@ class Trainer:
                 self.reference = copy.deepcopy(self.model).eval()  # frozen
             self.model.requires_grad_(True)
         self.model.train()
+        self.teacher = TeacherSignal(cfg, self.device, self.autocast) if cfg.recipe == "distill" else None
         self.params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         decay = [p for p in self.params.values() if p.ndim >= 2]
         no_decay = [p for p in self.params.values() if p.ndim < 2]
@@ -145,6 +148,9 @@ class Trainer:
                        reward_accuracy=(cat["margin"] > 0).float().mean().item(),
                        chosen_reward=cat["chosen_reward"].mean().item(),
                        rejected_reward=cat["rejected_reward"].mean().item())
+        elif self.cfg.recipe == "distill":
+            out.update(self._distill_backward(micro))
+            tokens = out.pop("tokens")
         else:
             batches = [collate(m) for m in micro]
             n_targets = sum(int((b.labels != -100).sum()) for b in batches)
@@ -157,6 +163,41 @@ class Trainer:
             out["loss"] = total
         out["step_tokens"] = tokens
         return out
+
+    def _on_policy(self, step: int, m: int) -> bool:
+        """Whether micro-batch m of step `step` is on-policy: a seeded draw, so a resumed run draws the same."""
+        if not self.cfg.on_policy:
+            return False
+        g = torch.Generator().manual_seed(self.cfg.seed * 1000003 + step * self.cfg.grad_accum + m)
+        return torch.rand((), generator=g).item() < self.cfg.on_policy
+
+    def _distill_backward(self, micro: list[list]) -> dict:
+        """alpha x CE + (1 - alpha) x KD on the data's targets; on an on-policy micro-batch, KD alone on the tokens
+        the student wrote from the data's prompts."""
+        c, step = self.cfg, self.step_count
+        examples = []
+        for m, exs in enumerate(micro):
+            if self._on_policy(step, m):
+                g = torch.Generator().manual_seed(c.seed * 7919 + step * c.grad_accum + m)
+                exs = student_samples(self.model, [prompt_of(e) for e in exs], c.on_policy_tokens,
+                                      self.model_cfg.eos_token_ids, c.seq_len + 1, g, self.device) or exs
+                examples.append((exs, 0.0))
+            else:
+                examples.append((exs, c.distill_alpha))
+        batches = [(collate(exs), exs, alpha) for exs, alpha in examples]
+        n_targets = max(1, sum(int((b.labels != -100).sum()) for b, _, _ in batches))
+        total, parts, tokens = 0.0, {"ce": 0.0, "kd": 0.0}, 0
+        for b, exs, alpha in batches:
+            labels = b.labels.to(self.device)
+            teacher = self.teacher.for_batch(b, exs, self.model_cfg.vocab_size)
+            loss, p = distill_loss_sum(self._forward(b), teacher, labels, alpha, c.distill_loss,
+                                       c.distill_temperature, c.distill_beta)
+            (loss / n_targets).backward()
+            total += loss.item() / n_targets
+            for k, v in p.items():
+                parts[k] += v / n_targets
+            tokens += b.tokens
+        return {"loss": total, **parts, "tokens": tokens}
 
     def apply(self) -> dict:
         """Clip the gradients in .grad and take the optimizer and schedule step."""
@@ -210,12 +251,20 @@ class Trainer:
                 m = torch.cat(margins)
                 return {"eval_loss": torch.cat(losses).mean().item(), "eval_reward_margin": m.mean().item(),
                         "eval_reward_accuracy": (m > 0).float().mean().item()}
-            total, count = 0.0, 0
+            total, kd, count = 0.0, 0.0, 0
             for i in range(0, len(ev), B):
                 b = collate(ev[i : i + B])
-                total += lm_loss_sum(self._forward(b), b.labels.to(self.device)).item()
+                logits, labels = self._forward(b), b.labels.to(self.device)
+                total += lm_loss_sum(logits, labels).item()
+                if self.teacher is not None:
+                    teacher = self.teacher.for_batch(b, ev[i : i + B], self.model_cfg.vocab_size)
+                    kd += distill_loss_sum(logits, teacher, labels, 0.0, self.cfg.distill_loss,
+                                           self.cfg.distill_temperature, self.cfg.distill_beta)[1]["kd"]
                 count += int((b.labels != -100).sum())
-            return {"eval_loss": total / max(count, 1)}
+            out = {"eval_loss": total / max(count, 1)}
+            if self.teacher is not None:
+                out["eval_kd"] = kd / max(count, 1)
+            return out
         finally:
             self.model.train()
 
@@ -257,6 +306,8 @@ def prepare(cfg: TrainConfig) -> tuple[TrainConfig, ModelConfig, Tokenizer, Data
         cfg = replace(cfg, seq_len=model_cfg.max_position_embeddings)
     torch_device(cfg.device)
     data = build_datasets(cfg, tok, model_cfg.eos_token_ids)
+    if cfg.recipe == "distill":
+        check_teacher(cfg, tok, data.train + data.eval)
     per_epoch = batches_per_epoch(len(data.train), cfg.batch_size)
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accum))
     return cfg, model_cfg, tok, data, total

@@ -1,0 +1,1 @@
+"""Data for training: dedup, filters, synthetic data written by a teacher."""
