@@ -30,8 +30,13 @@ def synthesize(llm, cfg: SynthConfig, out: str, teacher: str, seeds: str | None 
     if tasks is not None:
         stats = s.run(tasks, on_batch=bar.update)
     else:
-        before = s.stats.kept
-        stats = s.run_self_instruct(on_batch=lambda _: bar.update(s.stats.kept - before - bar.n + bar.initial))
+        shown = [s.stats.kept]
+
+        def kept_so_far(_):
+            bar.update(s.stats.kept - shown[0])
+            shown[0] = s.stats.kept
+
+        stats = s.run_self_instruct(on_batch=kept_so_far)
     bar.close()
     stats.seconds = time.perf_counter() - t0
     summary = {"out": out, "kept": stats.kept, "dropped": dict(stats.dropped), "skipped": stats.skipped,

@@ -135,13 +135,16 @@ def read_seeds(path: str | Path) -> list[tuple[str, dict]]:
 
 
 def seed_tasks(seeds: list[tuple[str, dict]], per_source: int) -> list[Task]:
-    tasks = []
+    tasks: dict[str, Task] = {}  # a seed given twice is one task
     for where, rec in seeds:
         if isinstance(rec.get("instruction"), str):
-            tasks.append(Task(f"t-{_digest(rec['instruction'])}", None, where, rec["instruction"]))
+            t = Task(f"t-{_digest(rec['instruction'])}", None, where, rec["instruction"])
+            tasks.setdefault(t.key, t)
         else:
-            tasks += [Task(f"s-{_digest(rec['topic'])}-{j}", rec["topic"], where) for j in range(per_source)]
-    return tasks
+            for j in range(per_source):
+                t = Task(f"s-{_digest(rec['topic'])}-{j}", rec["topic"], where)
+                tasks.setdefault(t.key, t)
+    return list(tasks.values())
 
 
 def passages(text: str, chunk_chars: int) -> list[str]:
@@ -177,11 +180,13 @@ def doc_tasks(doc_dir: str | Path, per_source: int, chunk_chars: int) -> list[Ta
     files = sorted(p for p in d.rglob("*") if p.is_file() and p.suffix in (".txt", ".md")) if d.is_dir() else []
     if not files:
         raise UserError(f"--from-docs {d}: no .txt or .md files in it", param="from_docs")
-    tasks = []
+    tasks: dict[str, Task] = {}  # a passage found twice is one task
     for f in files:
         for n, passage in enumerate(passages(f.read_text(encoding="utf-8", errors="replace"), chunk_chars)):
-            tasks += [Task(f"d-{_digest(passage)}-{j}", passage, f"{f.relative_to(d)}#{n}") for j in range(per_source)]
-    return tasks
+            for j in range(per_source):
+                t = Task(f"d-{_digest(passage)}-{j}", passage, f"{f.relative_to(d)}#{n}")
+                tasks.setdefault(t.key, t)
+    return list(tasks.values())
 
 
 # --- resume ------------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from cairn.errors import UserError
@@ -72,7 +72,7 @@ class TeacherCache:
                         self.records[key] = (f.get_tensor(f"{key}/ids").tolist(),
                                              SparseTeacher(f.get_tensor(f"{key}/top_ids"),
                                                            f.get_tensor(f"{key}/top_logprobs")))
-            except (OSError, ValueError, KeyError) as e:  # safetensors reports a damaged file as these
+            except (OSError, ValueError, KeyError, SafetensorError) as e:
                 raise UserError(f"{shard} is damaged or not a safetensors file ({e})", param="teacher_logits") from None
 
     def __len__(self) -> int:
