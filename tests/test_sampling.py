@@ -113,3 +113,21 @@ def test_bad_params_name_the_field(bad):
     with pytest.raises(UserError) as e:
         SamplingParams(**bad)
     assert e.value.param == next(iter(bad))
+
+
+def test_top_p_keeps_what_a_full_sort_keeps():
+    """The partial-sort nucleus (top k, widened until its mass reaches p) against the plain definition: sort the
+    whole vocabulary, keep tokens whose mass strictly above them is below p. Peaked and flat distributions (the
+    flat ones need k widened past its first guess)."""
+    from cairn.engine.sampling import NEG_INF, top_p_filter
+
+    g = torch.Generator().manual_seed(0)
+    for scale in (8.0, 1.0, 0.01):
+        for p in (0.1, 0.5, 0.9, 0.99):
+            logits = torch.randn(5000, generator=g) * scale
+            order = torch.argsort(logits, descending=True)
+            probs = logits[order].softmax(-1).double()
+            keep = set(order[(probs.cumsum(-1) - probs) < p].tolist())
+            got = top_p_filter(logits, p)
+            assert set((got > NEG_INF).nonzero().flatten().tolist()) == keep, (scale, p)
+            assert torch.equal(got[list(keep)], logits[list(keep)])

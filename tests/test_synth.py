@@ -191,7 +191,7 @@ def test_docs_self_instruct_judge_and_saved_logits_match_transformers(teacher, s
     assert 1 <= len(asked) <= 4 and [p["id"] for p in asked] == [f"m-{i}" for i in range(len(asked))]
     questions = [p["instruction"] for p in asked if p["status"] != "empty instruction"]
     assert questions and len(set(questions)) == len(questions) and any(q.endswith("?") for q in questions)
-    assert len(_lines(si)) == sum(p["status"] == "kept" for p in asked) <= 1
+    assert len(_lines(si)) == sum(p["status"] == "kept" for p in asked) <= 2  # count + tasks in flight - 1
     with LLM(teacher, EngineConfig(max_seqs=4)) as llm:
         ratings = rate(llm, [("What is the capital of France?", "The capital of France is Paris."),
                              ("What is the capital of France?", "Bananas are yellow and grow on trees.")])

@@ -19,7 +19,7 @@ import json
 import os
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -45,7 +45,8 @@ class SynthConfig:
     per_source: int = 1
     """Instructions to ask for per seed topic or per document passage."""
     count: int = 100
-    """self-instruct: examples to keep (asking at most 4x as many)."""
+    """self-instruct: ask until this many examples are kept (at most 4x as many asked; tasks in flight then finish
+    and are kept too)."""
     temperature: float = 0.7
     """Sampling temperature of instructions and answers."""
     top_p: float = 0.95
@@ -57,8 +58,8 @@ class SynthConfig:
     seed: int = 0
     """Seeds every request (each task's seed derives from it and the task's id)."""
     batch: int = 64
-    """Tasks in flight together (and written together: the unit of progress); a few times the engine's
-    concurrency keeps it full while the slowest answers of a batch finish."""
+    """Tasks in flight at once (each its own chain of requests); a few times the engine's concurrency keeps it
+    full. Finished tasks are written 16 at a time (the unit of progress a kill can lose)."""
     min_chars: int = 8
     """Shorter instructions or answers are dropped."""
     max_chars: int = 4000
@@ -301,15 +302,11 @@ class Synthesizer:
                 return {**out, "status": "judged below threshold"}
         return out
 
-    # one batch
+    # committing finished tasks
 
-    def run_batch(self, tasks: list[Task]) -> None:
-        """Every task of the batch in flight at once; then, in task order, duplicates of a kept instruction are
-        dropped (after the work: which one is kept does not depend on which finished first)."""
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(max_workers=len(tasks), thread_name_prefix="synth") as pool:
-            results = list(pool.map(self._task, tasks))
+    def commit(self, tasks: list[Task], results: list[dict]) -> None:
+        """Finished tasks, in task order: a duplicate of a kept instruction is dropped here, after the work, so
+        which one is kept does not depend on which finished first; then the records and progress are written."""
         records, progress = [], []
         for t, r in zip(tasks, results):
             self.stats.generated_tokens += sum(r["tokens"])
@@ -356,28 +353,49 @@ class Synthesizer:
                 self.stats.dropped[p["status"]] += 1
 
     def run(self, tasks: Iterable[Task], on_batch: Callable[[int], None] | None = None) -> SynthStats:
-        batch: list[Task] = []
-        for t in tasks:
-            if t.key in self.done:
-                self.stats.skipped += 1
-                continue
-            batch.append(t)
-            if len(batch) == self.cfg.batch:
-                self.run_batch(batch)
-                if on_batch:
-                    on_batch(len(batch))
-                batch = []
-        if batch:
-            self.run_batch(batch)
-            if on_batch:
-                on_batch(len(batch))
-        return self.stats
+        """Every task not finished before, `batch` of them in flight at any time (a new one starts as soon as one
+        finishes, so the engine stays full); finished tasks are committed in task order, `commit_every` at a time."""
+        from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
-    def run_self_instruct(self, on_batch: Callable[[int], None] | None = None) -> SynthStats:
-        """Tasks m-0, m-1, ... a batch at a time until `count` examples are kept (or 4 x count were asked)."""
+        commit_every = min(self.cfg.batch, 16)
+        it, order, results, running = iter(tasks), [], {}, {}
+        exhausted, committed, seen = False, 0, set()
+        with ThreadPoolExecutor(max_workers=self.cfg.batch, thread_name_prefix="synth") as pool:
+            while True:
+                while not exhausted and len(running) < self.cfg.batch:
+                    t = next(it, None)
+                    if t is None:
+                        exhausted = True
+                    elif t.key in self.done or t.key in seen:
+                        self.stats.skipped += 1
+                    else:
+                        seen.add(t.key)
+                        order.append(t)
+                        running[pool.submit(self._task, t)] = t
+                if running:
+                    finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                    for f in finished:
+                        results[running.pop(f).key] = f.result()
+                ready = committed
+                while ready < len(order) and order[ready].key in results:
+                    ready += 1
+                last = exhausted and not running
+                if ready - committed >= commit_every or (last and ready > committed):
+                    batch = order[committed:ready]
+                    self.commit(batch, [results.pop(t.key) for t in batch])
+                    committed = ready
+                    if on_batch:
+                        on_batch(len(batch))
+                if last:
+                    return self.stats
+
+    def self_instruct_tasks(self) -> Iterator[Task]:
+        """Tasks m-0, m-1, ... while fewer than `count` examples are kept (and at most 4 x count asked); the tasks
+        in flight when the count is reached finish and are kept too."""
         j = 0
         while self.stats.kept < self.cfg.count and j < 4 * self.cfg.count:
-            n = min(self.cfg.batch, self.cfg.count - self.stats.kept)
-            self.run([Task(f"m-{j + i}") for i in range(n)], on_batch)
-            j += n
-        return self.stats
+            yield Task(f"m-{j}")
+            j += 1
+
+    def run_self_instruct(self, on_batch: Callable[[int], None] | None = None) -> SynthStats:
+        return self.run(self.self_instruct_tasks(), on_batch)

