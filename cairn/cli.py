@@ -182,7 +182,7 @@ def evaluate(model_dir: str | None = None, perplexity: list[str] | None = None, 
              fewshot: int = 0, chat_template: bool = False, max_tokens: int = 64, out: str | None = None,
              compare: list[str] | None = None, max_context: int | None = None, device: str = "cpu",
              dtype: str | None = None, threads: int | None = None, pool: str | None = None, token: str | None = None,
-             wire_dtype: str = "fp32") -> int:
+             wire_dtype: str = "fp32", adapter: str | None = None) -> int:
     """Evaluate MODEL: --perplexity FILE (text, or JSONL "text"; sliding --window/--stride; also bits per byte),
     --choice FILE.jsonl ({"question"|"context", "choices", "answer"}: acc and acc_norm by log-likelihood, as
     lm-evaluation-harness scores them; --fewshot N takes the first N items as examples, --chat-template on or off),
@@ -198,7 +198,7 @@ def evaluate(model_dir: str | None = None, perplexity: list[str] | None = None, 
         return 0
     if model_dir is None:
         raise UserError("give a MODEL to evaluate (or --compare A.json B.json ...)")
-    config = _engine_config(device, dtype, threads, max_context=max_context, max_seqs=16)
+    config = _engine_config(device, dtype, threads, max_context=max_context, max_seqs=16, adapter=adapter)
     with _load_llm(model_dir, config, pool, token, wire_dtype) as llm:
         result = ev.evaluate(llm, perplexity or (), choice or (), generate_files or (), window, stride, fewshot,
                              chat_template, max_tokens, show=sys.stderr.isatty())
@@ -302,11 +302,13 @@ def lora_merge(base: str, adapter: str, out: str, dtype: str | None = None) -> i
 
 
 def _engine_config(device: str, dtype: str | None, threads: int | None, max_context: int | None = None, max_seqs: int = 4,
-                   kv_memory: str | None = None, prefix_cache: bool = True, draft: str | None = None):
+                   kv_memory: str | None = None, prefix_cache: bool = True, draft: str | None = None,
+                   adapter: str | None = None):
     from cairn.config import EngineConfig
 
     return EngineConfig(device=device, dtype=dtype, threads=threads, max_context=max_context, max_seqs=max_seqs,
-                        kv_memory=_kv_bytes(kv_memory), prefix_caching=prefix_cache, draft=_draft(draft))
+                        kv_memory=_kv_bytes(kv_memory), prefix_caching=prefix_cache, draft=_draft(draft),
+                        adapter=adapter)
 
 
 def _draft(draft: str | None) -> str | None:
@@ -361,13 +363,13 @@ def generate(model_dir: str, prompt: str, max_tokens: int = 128, temperature: fl
              ignore_eos: bool = False, json_out: bool = False, device: str = "cpu", dtype: str | None = None,
              threads: int | None = None, pool: str | None = None, token: str | None = None,
              wire_dtype: str = "fp32", kv_memory: str | None = None, prefix_cache: bool = True,
-             draft: str | None = None) -> int:
+             draft: str | None = None, adapter: str | None = None) -> int:
     """Print the model's continuation of --prompt, streamed as it is generated (greedy unless --temperature > 0).
     --json prints one object instead: tokens, text, finish reason and timing. --pool ADDRESS runs the model across
     the pool's devices."""
     params = _sampling(max_tokens, temperature, top_p, top_k, seed, stop, repetition_penalty, ignore_eos=ignore_eos)
     config = _engine_config(device, dtype, threads, max_seqs=1, kv_memory=kv_memory, prefix_cache=prefix_cache,
-                            draft=draft)
+                            draft=draft, adapter=adapter)
     with _load_llm(model_dir, config, pool, token, wire_dtype) as llm:
         t0 = time.perf_counter()
         handle = llm.submit(prompt, params)
@@ -397,7 +399,7 @@ def generate(model_dir: str, prompt: str, max_tokens: int = 128, temperature: fl
 def chat(model_dir: str, system: str | None = None, max_tokens: int = 256, temperature: float = 0.7,
          top_p: float = 0.95, seed: int | None = None, device: str = "cpu", dtype: str | None = None,
          threads: int | None = None, kv_memory: str | None = None, prefix_cache: bool = True,
-         draft: str | None = None) -> int:
+         draft: str | None = None, adapter: str | None = None) -> int:
     """Chat with the model using its checkpoint's chat template: multi-turn, replies stream to the terminal.
     Type a message and press Enter; Ctrl-D (end of input) quits. Each turn reuses the cached blocks of the
     conversation so far (unless --no-prefix-cache)."""
@@ -405,7 +407,7 @@ def chat(model_dir: str, system: str | None = None, max_tokens: int = 256, tempe
 
     params = _sampling(max_tokens, temperature, top_p, 0, seed, None)
     config = _engine_config(device, dtype, threads, max_seqs=1, kv_memory=kv_memory, prefix_cache=prefix_cache,
-                            draft=draft)
+                            draft=draft, adapter=adapter)
     with LLM(_model(model_dir, quantized=True), config) as llm:
         if not llm.tokenizer.chat_template:
             raise UserError(f"{model_dir} has no chat template (tokenizer_config.json: chat_template); use generate")
@@ -449,7 +451,7 @@ def serve(model_dirs: list[str], host: str = "127.0.0.1", port: int = 8000, api_
           threads: int | None = None, pool: str | None = None, token: str | None = None,
           wire_dtype: str = "fp32", max_body_bytes: int = 4 * 1024 * 1024, log_level: str = "info",
           log_json: bool = False, kv_memory: str | None = None, prefix_cache: bool = True,
-          draft: str | None = None) -> int:
+          draft: str | None = None, adapter: str | None = None) -> int:
     """Serve local models over an OpenAI-compatible API: /v1/models, /v1/chat/completions, /v1/completions
     (streaming too), /health, /metrics and /openapi.json. --api-key (or CAIRN_API_KEY) makes /v1 require
     'Bearer KEY'. --max-concurrency sequences decode together per model; beyond --max-queue waiting requests, 429;
@@ -482,7 +484,7 @@ def serve(model_dirs: list[str], host: str = "127.0.0.1", port: int = 8000, api_
         ModelConfig.from_hf_dir(d)
     config = EngineConfig(device=device, dtype=dtype, threads=threads, max_seqs=max_concurrency,
                           max_queue=max_queue, max_context=max_context, kv_memory=_kv_bytes(kv_memory),
-                          prefix_caching=prefix_cache, draft=_draft(draft))
+                          prefix_caching=prefix_cache, draft=_draft(draft), adapter=adapter)
 
     if pool is not None:
         connect = _pool().connect
@@ -664,6 +666,12 @@ _KV = [
              "model verifies the proposals in one forward, same output"),
 ]
 
+_ADAPTER = [
+    arg("--adapter", default=None, metavar="DIR",
+        help="a prompt- or prefix-tuning adapter (PEFT layout, e.g. `cairn train --prompt-tuning N`'s out/adapter), "
+             "served without merging"),
+]
+
 _RUNTIME = [
     arg("--device", default="cpu", help="cpu, cuda or cuda:N"),
     arg("--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="compute dtype (default: checkpoint's)"),
@@ -704,6 +712,7 @@ COMMANDS: dict[str, tuple[Callable[..., int], list[Arg]]] = {
         *_RUNTIME,
         *_KV,
         *_POOL,
+        *_ADAPTER,
     ]),
     "chat": (chat, [
         arg("model_dir"),
@@ -714,6 +723,7 @@ COMMANDS: dict[str, tuple[Callable[..., int], list[Arg]]] = {
         arg("--seed", type=int, default=None),
         *_RUNTIME,
         *_KV,
+        *_ADAPTER,
     ]),
     "serve": (serve, [
         arg("model_dirs", nargs="+", metavar="MODEL_DIR"),
@@ -731,6 +741,7 @@ COMMANDS: dict[str, tuple[Callable[..., int], list[Arg]]] = {
         *_RUNTIME,
         *_KV,
         *_POOL,
+        *_ADAPTER,
     ]),
     "train": (train, [
         arg("config", nargs="?", default=None, metavar="CONFIG.yaml"),
@@ -749,7 +760,8 @@ COMMANDS: dict[str, tuple[Callable[..., int], list[Arg]]] = {
             ("save-every", int), ("keep-checkpoints", int), ("log-every", int), ("lora-rank", int),
             ("lora-alpha", float), ("lora-dropout", float), ("dpo-beta", float), ("distill-alpha", float),
             ("distill-temperature", float), ("distill-beta", float), ("on-policy", float),
-            ("on-policy-tokens", int)]],
+            ("on-policy-tokens", int), ("prompt-tuning", int), ("prefix-tuning", int)]],
+        arg("--prompt-init-text", default=None, help="prompt tuning: start from this text's embeddings"),
         arg("--schedule", choices=["cosine", "linear", "constant"], default=None),
         arg("--precision", choices=["auto", "bf16", "fp32"], default=None),
         arg("--device", default=None, help="cpu, cuda or cuda:N"),
@@ -783,6 +795,7 @@ COMMANDS: dict[str, tuple[Callable[..., int], list[Arg]]] = {
         arg("--compare", nargs="+", default=None, metavar="RESULT", help="print result files side by side"),
         *_RUNTIME,
         *_POOL,
+        *_ADAPTER,
     ]),
     "synth": (synth, [
         arg("teacher", metavar="TEACHER", help="the model that writes the data (directory or .gguf)"),

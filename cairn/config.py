@@ -345,3 +345,6 @@ class EngineConfig:
     None: off."""
     draft_max: int = 8
     """Most tokens proposed at once (the number adapts to how often proposals are accepted)."""
+    adapter: str | None = None
+    """A prompt- or prefix-tuning adapter directory (PEFT layout) served as it is, without merging: its virtual
+    tokens go in front of every prompt (computed once, then reused from the prefix cache)."""

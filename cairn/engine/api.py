@@ -24,7 +24,7 @@ from cairn.config import EngineConfig, ModelConfig, SamplingParams
 from cairn.engine.blocks import blocks_for
 from cairn.engine.engine import Completion, Engine, Event, QueueFullError, TokenLogprob
 from cairn.engine.runner import LocalRunner, Runner
-from cairn.engine.sampling import top_logprobs
+from cairn.engine.sampling import target_logprobs, top_logprobs
 from cairn.errors import CairnError, EngineClosedError, GenerationError, UserError
 from cairn.models.checkpoint import load_stage
 from cairn.models.device import torch_device
@@ -205,12 +205,21 @@ class LLM:
         if config.threads:
             torch.set_num_threads(config.threads)
         max_context = min(cfg.max_position_embeddings, config.max_context or 4096)
+        self.virtual: list[int] = []  # the adapter's virtual token ids, in front of every prompt
         if runner is None:
             device = torch_device(config.device)
             stage = load_stage(self.model_dir, cfg, dtype=self.dtype, device=device)
+            if config.adapter is not None:
+                from cairn.models.virtual import load_adapter
+
+                stage.virtual = load_adapter(config.adapter, cfg).to(device, TORCH_DTYPES[self.dtype])
+                self.virtual = stage.virtual.ids
             blocks = kv_blocks(cfg, config, self.dtype, max_context, free_memory(device))
             runner = LocalRunner([stage], config.max_seqs, max_context, num_blocks=blocks,
                                  block_size=config.block_size)
+        if runner is not None and config.adapter is not None and not self.virtual:
+            raise UserError("prompt- and prefix-tuning adapters are served by one process, not across a pool",
+                            param="adapter")
         self.runner = runner
         draft = config.draft
         if draft not in (None, "ngram"):  # a draft model's directory
@@ -218,7 +227,7 @@ class LLM:
 
             draft = load_drafter(draft, self.tokenizer, cfg.param_count(), max_context, config)
         self.engine = Engine(runner, self.tokenizer, load_generation_eos(self.model_dir, cfg),
-                             config.max_batch_tokens, config.max_queue, cfg.vocab_size,
+                             config.max_batch_tokens, config.max_queue, cfg.vocab_size + len(self.virtual),
                              prefix_caching=config.prefix_caching, window=cfg.sliding_window,
                              draft=draft, draft_max=config.draft_max)
 
@@ -244,18 +253,27 @@ class LLM:
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         return self.tokenizer.encode(text)
 
+    def _with_virtual(self, ids: list[int]) -> list[int]:
+        """An adapter's virtual tokens, then the caller's ids (which must be real tokens)."""
+        if not self.virtual:
+            return ids
+        if ids and max(ids) >= self.virtual[0]:
+            raise UserError(f"prompt token ids must be in [0, {self.virtual[0]})", param="prompt")
+        return self.virtual + ids
+
     def submit(self, prompt: str | list[int], params: SamplingParams = SamplingParams()) -> RequestHandle:
         """Queue a request and return at once; raises UserError (e.g. ContextLengthError) if it cannot run and
         QueueFullError when max_queue requests are already waiting. Never waits for the engine thread."""
         if self._closed:
             raise EngineClosedError("this LLM is closed")
-        ids = self.encode_prompt(prompt)
+        own = self.encode_prompt(prompt)
+        ids = self._with_virtual(own)
         self.engine.check(ids, params)
         with self._submit_lock:
             if self._pending + len(self.engine.waiting) >= self.config.max_queue:
                 raise QueueFullError(f"{self.config.max_queue} requests are already waiting; retry later")
             self._pending += 1
-            handle = RequestHandle(self, len(ids))
+            handle = RequestHandle(self, len(own))
             handle.id = f"req-{next(self._ids)}"
         self._inbox.put(("add", ids, params, handle))
         self._wake.set()
@@ -269,8 +287,9 @@ class LLM:
         if score is None:
             raise UserError("prompt logprobs (echo with logprobs) are not available for a model served by a pool",
                             param="echo")
-        self.engine.check(ids, SamplingParams(max_tokens=None))
-        logsm = torch.log_softmax(score(ids)[:-1].float(), -1)  # (T - 1, V): row i predicts ids[i + 1]
+        n = len(self.virtual)
+        self.engine.check(self._with_virtual(ids), SamplingParams(max_tokens=None))
+        logsm = torch.log_softmax(score(self._with_virtual(ids))[n:-1].float(), -1)  # (T - 1, V): row i -> ids[i + 1]
         return [None] + [TokenLogprob(t, float(logsm[i, t]), tuple(top_logprobs(logsm[i], top)))
                          for i, t in enumerate(ids[1:])]
 
@@ -281,10 +300,11 @@ class LLM:
         if score is None:
             raise UserError("the teacher's top-k logits need the model in this process, not served by a pool",
                             param="save_logits")
-        self.engine.check(ids, SamplingParams(max_tokens=None))
+        full = self._with_virtual(ids)
+        self.engine.check(full, SamplingParams(max_tokens=None))
 
         def run():
-            values, top = torch.log_softmax(score(ids)[:-1].float(), -1).topk(k, -1)
+            values, top = torch.log_softmax(score(full)[len(self.virtual) : -1].float(), -1).topk(k, -1)
             return top.to(torch.int32), values
 
         return self._on_engine_thread(run)
@@ -294,8 +314,12 @@ class LLM:
         evaluation (perplexity, multiple choice) needs. At most the context length; local or pool alike."""
         if len(ids) < 2:
             raise UserError("scoring needs at least two tokens", param="prompt")
-        if len(ids) > self.engine.max_context:
+        if len(ids) + len(self.virtual) > self.engine.max_context:
             raise UserError(f"{len(ids)} tokens do not fit the context of {self.engine.max_context}", param="prompt")
+        if self.virtual:  # rows after the adapter's tokens: logits[n + i] predicts ids[i + 1]
+            n = len(self.virtual)
+            return self._on_engine_thread(
+                lambda: target_logprobs(self.runner.prompt_logits(self._with_virtual(ids))[n:], ids))
         return self._on_engine_thread(self.runner.score, ids)
 
     def score_many(self, seqs: list[list[int]], starts: list[int]) -> list[tuple[list[float], list[bool]]]:
@@ -305,9 +329,11 @@ class LLM:
             if not 1 <= start < len(seq):
                 raise UserError(f"a scored span must start within the sequence after its first token, got {start} "
                                 f"of {len(seq)}", param="prompt")
-            if len(seq) > self.engine.max_context:
+            if len(seq) + len(self.virtual) > self.engine.max_context:
                 raise UserError(f"{len(seq)} tokens do not fit the context of {self.engine.max_context}",
                                 param="prompt")
+        if self.virtual:  # the adapter's tokens in front; the scored spans stay where they were in each sequence
+            seqs, starts = [self._with_virtual(x) for x in seqs], [s + len(self.virtual) for s in starts]
         many = getattr(self.runner, "score_many", None)
         if many is not None:
             return self._on_engine_thread(many, seqs, starts)

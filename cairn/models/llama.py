@@ -131,7 +131,8 @@ class LlamaStage(nn.Module):
         self, x: torch.Tensor, ctx: AttentionContext, logits_rows: torch.Tensor | slice | None = None
     ) -> torch.Tensor:
         if self.is_first:
-            x = self.embed_tokens(x)  # (..., D)
+            virtual = getattr(self, "virtual", None)  # a prompt- or prefix-tuning adapter (models/virtual.py)
+            x, ctx = virtual.enter(self.embed_tokens, x, ctx) if virtual is not None else (self.embed_tokens(x), ctx)
         for block in self.layers:
             x = block(x, ctx)
         if not self.is_last:

@@ -93,6 +93,12 @@ class TrainConfig:
     """Projections that get adapters (HF names)."""
     lora_merge: bool = True
     """Also write the merged full checkpoint to out/ (the adapter always goes to out/adapter)."""
+    prompt_tuning: int = 0
+    """Prompt tuning: train this many virtual input embeddings in front of every sequence (base frozen; 0: off)."""
+    prefix_tuning: int = 0
+    """Prefix tuning: train this many virtual positions' keys and values at every layer (base frozen; 0: off)."""
+    prompt_init_text: str | None = None
+    """Prompt tuning: start the virtual embeddings from this text's token embeddings (PEFT's TEXT init)."""
     dpo_beta: float = 0.1
     """DPO temperature on the log-ratio margin."""
     teacher: str | None = None
@@ -159,6 +165,15 @@ class TrainConfig:
         unknown = [t for t in self.lora_targets if t not in LORA_TARGETS]
         if unknown:
             bad("lora_targets", f"unknown module {unknown[0]!r}; choose from {', '.join(LORA_TARGETS)}")
+        if sum(bool(x) for x in (self.lora_rank, self.prompt_tuning, self.prefix_tuning)) > 1:
+            bad("lora_rank", "choose one parameter-efficient method: lora_rank, prompt_tuning or prefix_tuning")
+        for name in ("prompt_tuning", "prefix_tuning"):
+            if getattr(self, name) < 0:
+                bad(name, f"must not be negative, got {getattr(self, name)}")
+        if self.prompt_init_text is not None and not self.prompt_tuning:
+            bad("prompt_init_text", "is the starting point of prompt tuning; set prompt_tuning too")
+        if (self.prompt_tuning or self.prefix_tuning) and self.recipe == "dpo":
+            bad("recipe", "prompt and prefix tuning train sft, pretrain and distill runs, not dpo")
         if self.lora_rank and not self.lora_targets:
             bad("lora_targets", "LoRA needs at least one target module")
         if self.pool is not None and ":" not in self.pool:
@@ -202,6 +217,15 @@ class TrainConfig:
     @property
     def lora(self) -> bool:
         return self.lora_rank > 0
+
+    @property
+    def virtual(self) -> tuple[str, int] | None:
+        """('prompt' | 'prefix', virtual tokens) when training a prompt- or prefix-tuning adapter."""
+        if self.prompt_tuning:
+            return "prompt", self.prompt_tuning
+        if self.prefix_tuning:
+            return "prefix", self.prefix_tuning
+        return None
 
     @classmethod
     def build(cls, file: str | Path | None = None, **overrides: Any) -> TrainConfig:

@@ -21,6 +21,7 @@ from cairn.models.checkpoint import build_stage, copy_side_files, load_stage, sa
 from cairn.models.device import torch_device
 from cairn.models.llama import TORCH_DTYPES, full_forward
 from cairn.models.tokenizer import Tokenizer
+from cairn.models.virtual import VirtualTokens, save_adapter
 from cairn.train import lora
 from cairn.train.config import TrainConfig
 from cairn.train.data import Batch, Datasets, batches_per_epoch, build_datasets, collate, micro_batch_indices
@@ -55,6 +56,22 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return None
 
 
+def init_virtual(model, cfg: TrainConfig, tok: Tokenizer) -> VirtualTokens:
+    """A fresh prompt- or prefix-tuning adapter: prompt embeddings from the text's token embeddings (repeated to
+    fill) or, like prefix keys and values, small random values drawn with the run's seed."""
+    kind, n = cfg.virtual
+    vt = VirtualTokens(model.cfg, kind, n).to(next(model.parameters()).device)
+    g = torch.Generator().manual_seed(cfg.seed)
+    with torch.no_grad():
+        if kind == "prompt" and cfg.prompt_init_text:
+            ids = tok.encode(cfg.prompt_init_text) or [0]
+            vt.embeddings.copy_(model.embed_tokens.weight[[ids[i % len(ids)] for i in range(n)]].float())
+        else:
+            for p in vt.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    return vt.requires_grad_(True)
+
+
 class Trainer:
     """Model, optimizer and schedule of one run; `step(i)` takes optimizer step i on its micro-batches."""
 
@@ -72,8 +89,12 @@ class Trainer:
                                      device=self.device, source="the shipped weights")
         self.adapters: dict[str, lora.LoraLinear] = {}
         self.reference = None
+        self.virtual = None
         if cfg.lora:
             self.adapters = lora.attach(self.model, self.lora_spec)
+        elif cfg.virtual is not None:
+            self.model.requires_grad_(False)
+            self.virtual = self.model.virtual = init_virtual(self.model, cfg, Tokenizer.from_dir(cfg.model))
         else:
             if cfg.recipe == "dpo":
                 self.reference = copy.deepcopy(self.model).eval()  # frozen
@@ -105,8 +126,11 @@ class Trainer:
 
     def _forward(self, batch: Batch) -> torch.Tensor:
         ids = batch.inputs.to(self.device)
+        n = self.virtual.n if self.virtual is not None else 0
+        if n:  # every sequence starts with the adapter's virtual tokens; their outputs predict nothing
+            ids = torch.cat([torch.tensor(self.virtual.ids, device=self.device).expand(len(ids), n), ids], 1)
         with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
-            return full_forward(self.model, ids)
+            return full_forward(self.model, ids)[:, n:]
 
     def _dpo_logps(self, pairs: list) -> tuple[Batch, torch.Tensor, torch.Tensor]:
         """Policy and reference log-probabilities of [chosen..., rejected...] responses."""
@@ -271,7 +295,13 @@ class Trainer:
     # --- output ----------------------------------------------------------------------------------------------
 
     def export(self, out: Path, metadata: dict) -> None:
-        """The final HF checkpoint in `out` (merged under LoRA, with the adapter in out/adapter)."""
+        """The final HF checkpoint in `out` (merged under LoRA, with the adapter in out/adapter); a prompt- or
+        prefix-tuning adapter alone in out/adapter (served as it is: `--adapter`)."""
+        if self.virtual is not None:
+            adapter_dir = out / "adapter"
+            save_adapter(adapter_dir, self.virtual, self.model_cfg, str(self.cfg.model), self.cfg.prompt_init_text)
+            copy_side_files(Path(self.cfg.model), adapter_dir)
+            return
         if self.adapters:
             adapter_dir = out / "adapter"
             lora.save_adapter(adapter_dir, lora.adapter_state(self.model, self.adapters), self.lora_spec, self.cfg.model)
