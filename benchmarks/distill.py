@@ -51,16 +51,18 @@ def models(work: Path) -> tuple[Path, Path]:
             resolve_model(smollm2_path(), work / "cache"))
 
 
-def engine_throughput(llm, concurrency: int, tokens: int) -> float:
+def engine_throughput(llm, concurrency: int, tokens: int, top_p: float = 1.0) -> float:
     """Generated tokens/s of the engine with `concurrency` x 2 chat prompts submitted at once, each answer exactly
-    `tokens` long (ignore_eos): the batched decoding speed synth is held to."""
+    `tokens` long (ignore_eos), sampled at temperature 0.7 (and top_p): the batched decoding speed synth is held
+    to."""
     from cairn.config import SamplingParams
 
     prompts = [llm.render_chat([{"role": "user", "content": f"Tell me about topic number {i}."}])
                for i in range(2 * concurrency)]
     llm.generate(prompts[:2], SamplingParams(max_tokens=8, ignore_eos=True, temperature=0))  # warm
     t0 = time.perf_counter()
-    done = llm.generate(prompts, SamplingParams(max_tokens=tokens, ignore_eos=True, temperature=0.7, seed=1))
+    done = llm.generate(prompts, SamplingParams(max_tokens=tokens, ignore_eos=True, temperature=0.7, top_p=top_p,
+                                                seed=1))
     return sum(len(c.token_ids) for c in done) / (time.perf_counter() - t0)
 
 
@@ -72,12 +74,13 @@ def synth_phase(teacher_q: str, out: str, minutes: float, concurrency: int, thre
 
     with LLM(teacher_q, EngineConfig(max_seqs=concurrency, threads=threads)) as llm:
         peer = engine_throughput(llm, concurrency, 128)
+        peer_same = engine_throughput(llm, concurrency, 128, top_p=0.95)  # synth's own sampling settings
         cfg = SynthConfig("self-instruct", count=10**9, max_tokens=max_tokens, batch=4 * concurrency, system=SYSTEM)
         finished: list[tuple[float, int]] = []  # (when, tokens) of every request, as it completes
 
         class Timed(Synthesizer):
-            def _ask(self, prompt, params, used):
-                done = super()._ask(prompt, params, used)
+            def _ask(self, llm, prompt, params, used):
+                done = super()._ask(llm, prompt, params, used)
                 finished.append((time.perf_counter(), used[-1]))
                 return done
 
@@ -97,10 +100,54 @@ def synth_phase(teacher_q: str, out: str, minutes: float, concurrency: int, thre
         # flight then, run at falling concurrency, is in the overall figure)
         warm = t0 + min(60.0, minutes * 30)
         window = [n for t, n in finished if warm <= t <= deadline]
-        return {"engine_tokens_per_s": peer, "synth_tokens_per_s": stats.generated_tokens / secs,
+        return {"engine_tokens_per_s": peer, "engine_same_sampling_tokens_per_s": peer_same,
+                "synth_tokens_per_s": stats.generated_tokens / secs,
                 "synth_sustained_tokens_per_s": sum(window) / (deadline - warm),
                 "synth_seconds": secs, "generated_tokens": stats.generated_tokens, "kept": stats.kept,
                 "dropped": dict(stats.dropped), "concurrency": concurrency, "max_tokens": max_tokens}
+
+
+def pool_synth_phase(teacher_q: str, out: str, minutes: float, concurrency: int, threads: int, max_tokens: int,
+                     replicas: int) -> dict:
+    """synth with `replicas` whole copies of the teacher, each on its own node of a local Ray pool (one process
+    per node, threads split between them), against the engine in one process measured just before."""
+    from localpool import local_pool
+
+    from cairn.config import EngineConfig, ModelConfig
+    from cairn.data.synth import SynthConfig, Synthesizer, Task
+    from cairn.engine.api import LLM
+    from cairn.pool.ray_backend import PipelineRunner
+
+    config = EngineConfig(max_seqs=concurrency, threads=threads)
+    with LLM(teacher_q, config) as llm:
+        peer = engine_throughput(llm, concurrency, 128, top_p=0.95)
+    cfg = ModelConfig.from_hf_dir(teacher_q)
+    with local_pool(replicas) as (_, nodes):
+        per = max(1, threads // replicas)
+        llms = [LLM(teacher_q, EngineConfig(max_seqs=concurrency, threads=1),
+                    runner=PipelineRunner(teacher_q, cfg, max_seqs=concurrency, max_context=2048, dtype="float32",
+                                          threads=per, nodes={n.node_id}, name=f"replica{i}"))
+                for i, n in enumerate(nodes)]
+        try:
+            synth = SynthConfig("self-instruct", count=10**9, max_tokens=max_tokens, batch=4 * concurrency,
+                                system=SYSTEM)
+            s = Synthesizer(llms, synth, out, "SmolLM2-135M-Instruct")
+            deadline = time.perf_counter() + minutes * 60
+
+            def tasks():
+                j = 0
+                while time.perf_counter() < deadline:
+                    yield Task(f"m-{j}")
+                    j += 1
+
+            t0 = time.perf_counter()
+            stats = s.run(tasks())
+            secs = time.perf_counter() - t0
+        finally:
+            for x in llms:
+                x.close()
+    return {"replicas": replicas, "engine_same_sampling_tokens_per_s": peer,
+            "synth_tokens_per_s": stats.generated_tokens / secs, "synth_seconds": secs, "kept": stats.kept}
 
 
 def split(data: Path, work: Path) -> tuple[Path, Path]:
@@ -163,6 +210,10 @@ def main() -> None:
     ap.add_argument("--synth-minutes", type=float, default=8.0)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=320, help="longest teacher answer")
+    ap.add_argument("--pool-replicas", type=int, default=0, metavar="N",
+                    help="also measure synth with N teacher copies on a local Ray pool (loopback namespace)")
+    ap.add_argument("--remeasure-synth", type=float, default=0.0, metavar="MINUTES",
+                    help="measure synth's throughput again (a scratch file; the training data is kept)")
     ap.add_argument("--layers", type=int, default=15)
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--batch", type=int, default=4)
@@ -175,6 +226,10 @@ def main() -> None:
     ap.add_argument("--work", default=str(Path.home() / ".cache" / "cairn" / "bench-distill"))
     ap.add_argument("--out", default="bench-distill")
     a = ap.parse_args()
+    if a.pool_replicas:
+        from localpool import ensure_isolated
+
+        ensure_isolated()  # re-runs this script in a loopback-only network namespace
     work, out = Path(a.work), Path(a.out)
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -188,12 +243,38 @@ def main() -> None:
         results["synth"] = isolated(synth_phase, str(teacher_q), str(data), a.synth_minutes, a.concurrency, a.threads,
                                     a.max_tokens)
         results_path.write_text(json.dumps(results, indent=2))
+    if a.remeasure_synth:  # throughput only, into a scratch file (the training data stays as it was)
+        scratch = work / "synth-check.jsonl"
+        for f in (scratch, scratch.with_name(scratch.name + ".progress")):
+            f.unlink(missing_ok=True)
+        log(f"synth throughput: {a.remeasure_synth} min at concurrency {a.concurrency}")
+        check = isolated(synth_phase, str(teacher_q), str(scratch), a.remeasure_synth, a.concurrency, a.threads,
+                         a.max_tokens)
+        results["synth"].update({k: v for k, v in check.items() if "per_s" in k or k in ("synth_seconds",
+                                                                                        "generated_tokens")})
+        results["synth"]["remeasured_minutes"] = a.remeasure_synth
+        results_path.write_text(json.dumps(results, indent=2))
+    if a.pool_replicas:
+        scratch = work / "synth-pool.jsonl"
+        for f in (scratch, scratch.with_name(scratch.name + ".progress")):
+            f.unlink(missing_ok=True)
+        log(f"synth on a local pool: {a.pool_replicas} replicas for {a.remeasure_synth or 3} min")
+        p = isolated(pool_synth_phase, str(teacher_q), str(scratch), a.remeasure_synth or 3.0, a.concurrency,
+                     a.threads, a.max_tokens, a.pool_replicas)
+        results["pool_synth"] = p
+        results_path.write_text(json.dumps(results, indent=2))
+        log(f"synth over {p['replicas']} pool replicas: {p['synth_tokens_per_s']:.1f} tok/s (overall) vs one process's "
+            f"engine {p['engine_same_sampling_tokens_per_s']:.1f} tok/s: "
+            f"{p['synth_tokens_per_s'] / p['engine_same_sampling_tokens_per_s']:.2f}x")
     s = results["synth"]
-    e = s["engine_tokens_per_s"]
-    log(f"synth: sustained {s['synth_sustained_tokens_per_s']:.1f} tok/s, overall (with the tail of the tasks in flight "
-        f"at the end) {s['synth_tokens_per_s']:.1f} tok/s, vs the engine's {e:.1f} tok/s at concurrency "
-        f"{s['concurrency']}: {s['synth_sustained_tokens_per_s'] / e:.2f}x / {s['synth_tokens_per_s'] / e:.2f}x; "
-        f"kept {s['kept']}, dropped {s['dropped']}")
+    sus, tot = s["synth_sustained_tokens_per_s"], s["synth_tokens_per_s"]
+    log(f"synth: sustained {sus:.1f} tok/s, overall (with the tail of the tasks in flight at the end) {tot:.1f} "
+        f"tok/s; kept {s['kept']}, dropped {s['dropped']}")
+    for what, key in (("temperature 0.7", "engine_tokens_per_s"),
+                      ("synth's sampling (temperature 0.7, top_p 0.95)", "engine_same_sampling_tokens_per_s")):
+        if key in s:
+            log(f"  vs the engine at {what}, {s['concurrency']} sequences: {s[key]:.1f} tok/s -> sustained "
+                f"{sus / s[key]:.2f}x, overall {tot / s[key]:.2f}x")
     train, held = split(data, work)
     student = work / f"student-{a.layers}"
     if not student.exists():

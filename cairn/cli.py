@@ -214,20 +214,21 @@ def synth(teacher: str, out: str, seeds: str | None = None, from_docs: str | Non
           instruction_tokens: int = 64, seed: int = 0, batch: int = 64, min_chars: int = 8, max_chars: int = 4000,
           judge_min: int | None = None, save_logits: int = 0, system: str | None = None, max_concurrency: int = 16,
           device: str = "cpu", dtype: str | None = None, threads: int | None = None, pool: str | None = None,
-          token: str | None = None, wire_dtype: str = "fp32") -> int:
+          token: str | None = None, wire_dtype: str = "fp32", replicas: int = 0) -> int:
     """A teacher writes instruction data to OUT (chat JSONL for `cairn train --recipe sft|distill`): questions about
     the topics in --seeds FILE (or its JSONL "instruction"s answered as given), questions grounded in the passages
     of --from-docs DIR, or --self-instruct (the teacher writes the user turn itself, --count examples). Exact and
     near-duplicate instructions, empty, truncated and refusing answers and out-of-range lengths are dropped;
     --judge-min N keeps only answers the teacher rates N or more (1-5). Rerun the same command to resume.
-    --save-logits K also keeps the teacher's top-K logprobs per token in OUT.logits/ (for --teacher-logits)."""
+    --save-logits K also keeps the teacher's top-K logprobs per token in OUT.logits/ (for --teacher-logits).
+    --pool ADDRESS runs the teacher pipelined over the pool; with --replicas N, N whole copies on N devices."""
     from cairn.data.commands import mode_of, synthesize
     from cairn.data.synth import SynthConfig
 
     mode = mode_of(seeds, from_docs, self_instruct)
     for name, value, low in (("per-source", per_source, 1), ("count", count, 1), ("max-tokens", max_tokens, 1),
                              ("instruction-tokens", instruction_tokens, 1), ("batch", batch, 1),
-                             ("save-logits", save_logits, 0), ("min-chars", min_chars, 0)):
+                             ("save-logits", save_logits, 0), ("min-chars", min_chars, 0), ("replicas", replicas, 0)):
         if value < low:
             raise UserError(f"--{name} must be at least {low}, got {value}", param=name.replace("-", "_"))
     if judge_min is not None and not 1 <= judge_min <= 5:
@@ -237,9 +238,48 @@ def synth(teacher: str, out: str, seeds: str | None = None, from_docs: str | Non
     cfg = SynthConfig(mode, per_source, count, temperature, top_p, max_tokens, instruction_tokens, seed, batch,
                       min_chars, max_chars, judge_min=judge_min, save_logits=save_logits, system=system)
     config = _engine_config(device, dtype, threads, max_seqs=max_concurrency)
+    if replicas:
+        if pool is None:
+            raise UserError("--replicas N places N copies of the teacher on pool devices: give --pool ADDRESS",
+                            param="replicas")
+        llms = _replicas(teacher, config, pool, token, replicas)
+        try:
+            synthesize(llms, cfg, out, teacher, seeds, from_docs, show=sys.stderr.isatty())
+        finally:
+            for llm in llms:
+                llm.close()
+        return 0
     with _load_llm(teacher, config, pool, token, wire_dtype) as llm:
         synthesize(llm, cfg, out, teacher, seeds, from_docs, show=sys.stderr.isatty())
     return 0
+
+
+def _replicas(model_dir: str, config, pool: str, token: str | None, n: int) -> list:
+    """n copies of a model, each whole on its own pool device (the first n devices of the pool)."""
+    from cairn.config import ModelConfig
+    from cairn.engine.api import LLM, resolve_dtype
+
+    model_dir = _model(model_dir, quantized=True)
+    _pool().connect(pool, _pool_token(token))
+    devices = _pool("cairn.pool.service").pool_devices()
+    if n > len(devices):
+        raise UserError(f"--replicas {n}: the pool has {len(devices)} device(s)", param="replicas")
+    PipelineRunner = _pool("cairn.pool.ray_backend").PipelineRunner
+    cfg = ModelConfig.from_hf_dir(model_dir)
+    max_context = min(cfg.max_position_embeddings, config.max_context or 4096)
+    llms = []
+    try:
+        for i, dev in enumerate(devices[:n]):
+            runner = PipelineRunner(model_dir, cfg, max_seqs=config.max_seqs, max_context=max_context,
+                                    dtype=resolve_dtype(cfg, config), max_batch_tokens=config.max_batch_tokens,
+                                    threads=config.threads, name=f"{Path(model_dir).name}-replica{i}",
+                                    nodes={dev.node_id}, kv_memory=config.kv_memory, block_size=config.block_size)
+            llms.append(LLM(model_dir, config, runner=runner))
+    except BaseException:
+        for llm in llms:
+            llm.close()
+        raise
+    return llms
 
 
 def gguf_export(model_dir: str, out_file: str, qtype: str = "f16") -> int:
@@ -345,11 +385,10 @@ def _load_llm(model_dir: str, config, pool: str | None = None, token: str | None
     if pool is None:
         return LLM(model_dir, config)
     from cairn.config import ModelConfig
-    connect = _pool().connect
-    PipelineRunner = _pool("cairn.pool.ray_backend").PipelineRunner
 
+    _pool().connect(pool, _pool_token(token))  # before anything imports ray: ray fixes its auth mode at import
+    PipelineRunner = _pool("cairn.pool.ray_backend").PipelineRunner
     cfg = ModelConfig.from_hf_dir(model_dir)
-    connect(pool, _pool_token(token))
     max_context = min(cfg.max_position_embeddings, config.max_context or 4096)
     runner = PipelineRunner(model_dir, cfg, max_seqs=config.max_seqs, max_context=max_context,
                             dtype=resolve_dtype(cfg, config), max_batch_tokens=config.max_batch_tokens,
@@ -816,7 +855,8 @@ COMMANDS: dict[str, tuple[Callable[..., int], list[Arg]]] = {
         arg("--judge-min", type=int, default=None, help="keep answers the teacher rates at least this (1-5)"),
         arg("--save-logits", type=int, default=0, metavar="K", help="keep the teacher's top-K logprobs per token"),
         arg("--system", default=None, help="system message for the answers"),
-        arg("--max-concurrency", type=int, default=16, help="sequences decoded together"),
+        arg("--max-concurrency", type=int, default=16, help="sequences decoded together (per copy)"),
+        arg("--replicas", type=int, default=0, help="with --pool: N copies of the teacher, each on one device"),
         *_RUNTIME,
         *_POOL,
     ]),

@@ -228,7 +228,14 @@ class Synthesizer:
     """One `cairn synth` run over an LLM (local or pool) writing to `out`."""
 
     def __init__(self, llm, cfg: SynthConfig, out: str | Path, teacher: str):
-        self.llm, self.cfg, self.out, self.teacher = llm, cfg, Path(out), teacher
+        """`llm`: the teacher, or a list of copies of it (replicas on pool devices): each task runs all its
+        requests on the copy with the fewest tasks in flight when it starts."""
+        import threading
+
+        self.llms = list(llm) if isinstance(llm, (list, tuple)) else [llm]
+        self.llm, self.cfg, self.out, self.teacher = self.llms[0], cfg, Path(out), teacher
+        self._load = [0] * len(self.llms)
+        self._load_lock = threading.Lock()
         self.progress = progress_path(self.out)
         self.stats = SynthStats()
         self.index = DedupIndex(ngram=cfg.near_dup_ngram)
@@ -270,18 +277,30 @@ class Synthesizer:
         return (DOC_ANSWER_PROMPT.format(passage=task.source, question=instruction) if self.cfg.mode == "docs"
                 else instruction)
 
-    def _ask(self, prompt: list[int], params: SamplingParams, used: list[int]):
-        done = self.llm.submit(prompt, params).result()
+    def _ask(self, llm, prompt: list[int], params: SamplingParams, used: list[int]):
+        done = llm.submit(prompt, params).result()
         used.append(len(done.token_ids))
         return done
 
     def _task(self, t: Task) -> dict:
+        """One task on the least busy copy of the teacher."""
+        with self._load_lock:
+            i = min(range(len(self.llms)), key=self._load.__getitem__)
+            self._load[i] += 1
+        try:
+            return self._run_task(self.llms[i], t)
+        finally:
+            with self._load_lock:
+                self._load[i] -= 1
+
+    def _run_task(self, llm, t: Task) -> dict:
         """One task from instruction to rated answer (on a worker thread: the engine batches the requests of
         every task in flight). Returns what happened: status None means a candidate for keeping."""
         c, used = self.cfg, []
         out: dict = {"instruction": t.instruction, "status": None, "tokens": used}
         if t.instruction is None:
-            o = self._ask(self._instruction_prompt(t), self._params(t, "instruction", c.instruction_tokens), used)
+            params = self._params(t, "instruction", c.instruction_tokens)
+            o = self._ask(llm, self._instruction_prompt(t), params, used)
             text = clean_instruction(o.text)
             # a reply cut at the token limit still gives a question when one was extracted whole
             out["instruction"] = text if o.finish_reason != "length" or text.endswith("?") else ""
@@ -289,7 +308,7 @@ class Synthesizer:
             return {**out, "status": why}
         user = self._user_message(t, out["instruction"])
         system = [{"role": "system", "content": c.system}] if c.system else []
-        o = self._ask(self.llm.render_chat(system + [{"role": "user", "content": user}]),
+        o = self._ask(llm, self.llm.render_chat(system + [{"role": "user", "content": user}]),
                       self._params(t, "answer", c.max_tokens), used)
         if (why := answer_problem(o.text, o.finish_reason, c.min_chars, c.max_chars)) is not None:
             return {**out, "status": why}
@@ -297,7 +316,7 @@ class Synthesizer:
         if c.judge_min is not None:
             from cairn.eval.judge import rate
 
-            out["judge"] = rate(self.llm, [(user, o.text.strip())])[0]
+            out["judge"] = rate(llm, [(user, o.text.strip())])[0]
             if out["judge"] is None or out["judge"] < c.judge_min:
                 return {**out, "status": "judged below threshold"}
         return out

@@ -45,6 +45,7 @@ class RequestHandle:
         self._aq: asyncio.Queue[Event] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()
+        self._finished = threading.Event()  # set with the last event (plain queue delivery)
         self.done = False
         self.started = time.perf_counter()
         self.first_token_at: float | None = None
@@ -58,6 +59,8 @@ class RequestHandle:
         with self._lock:
             if self._loop is None:
                 self._q.put(ev)
+                if ev.finish_reason is not None:
+                    self._finished.set()
                 return
             try:
                 self._loop.call_soon_threadsafe(self._aq.put_nowait, ev)
@@ -95,7 +98,18 @@ class RequestHandle:
             self.llm._cancel(self.id)
 
     def result(self, timeout: float | None = None) -> Completion:
-        """Block until the request finishes (TimeoutError after `timeout` seconds); return everything it produced."""
+        """Block until the request finishes (TimeoutError after `timeout` seconds); return everything it produced.
+        Wakes once, at the end, not at every token: many threads each waiting for a result (cairn synth keeps
+        dozens of requests in flight) would otherwise take the interpreter from the engine thread at every step."""
+        if self._loop is None and not self.done:
+            if not self._finished.wait(timeout):
+                raise TimeoutError(f"request {self.id} did not finish within {timeout} s")
+            events = []
+            while not self.done:
+                ev = self._q.get_nowait()
+                self.done = ev.finish_reason is not None
+                events.append(ev)
+            return _collect(self, events)
         return _collect(self, list(self._events(timeout)))
 
 

@@ -104,7 +104,7 @@ def test_serve_across_the_pool_then_lose_and_regain_capacity(pool, model_factory
         cairn("pool", "leave")
 
 
-def test_train_on_the_pool_from_a_distributed_section(pool, tiny_model, tmp_path):
+def test_train_and_synth_on_the_pool(pool, tiny_model, tmp_path):
     cairn, address, token, _ = pool
     for _ in range(2):
         assert cairn("pool", "join", address, "--token", token, "--memory", "200MB", "--num-cpus", 1).returncode == 0
@@ -125,6 +125,23 @@ def test_train_on_the_pool_from_a_distributed_section(pool, tiny_model, tmp_path
         cfg.write_text(cfg.read_text() + "  learning_rate: 1\n")
         r = cairn("train", cfg, "--out", tmp_path / "o2", extra_env={"CAIRN_POOL_TOKEN": token})
         assert r.returncode == 2 and "unknown distributed option 'learning_rate'" in r.stderr, r.stderr
+        # `cairn synth --pool`: the teacher pipelined over the same two devices writes what a local run writes
+        seeds = tmp_path / "seeds.txt"
+        seeds.write_text("the river\nthe mill\nstone bridges\n")
+        args = ["synth", tiny_model, "--seeds", seeds, "--per-source", 2, "--temperature", 0, "--max-tokens", 12,
+                "--instruction-tokens", 12, "--min-chars", 1, "--threads", 1]
+        local = cairn(*args, "--out", tmp_path / "local.jsonl")
+        assert local.returncode == 0, local.stderr
+        r = cairn(*args, "--out", tmp_path / "pool.jsonl", "--pool", address, extra_env={"CAIRN_POOL_TOKEN": token})
+        assert r.returncode == 0, r.stderr
+        r = cairn(*args, "--out", tmp_path / "replicas.jsonl", "--pool", address, "--replicas", 2,
+                  extra_env={"CAIRN_POOL_TOKEN": token})  # a whole copy of the teacher on each device
+        assert r.returncode == 0, r.stderr
+        done = [(tmp_path / f"{w}.jsonl.progress").read_text().splitlines() for w in ("local", "pool", "replicas")]
+        assert len(done[0]) == 6 and done[0] == done[1] == done[2]
+        r = cairn(*args, "--out", tmp_path / "x.jsonl", "--pool", address, "--replicas", 3,
+                  extra_env={"CAIRN_POOL_TOKEN": token})
+        assert r.returncode == 2 and "has 2 device(s)" in r.stderr
     finally:
         cairn("pool", "leave")
 

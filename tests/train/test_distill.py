@@ -198,6 +198,10 @@ def test_on_policy_and_offline_cache_runs_through_the_cli(base_model, tmp_path):
                  str(tmp_path / "cache"), "--data", str(data), "--out", str(tmp_path / "off"), "--seq-len", "64",
                  "--batch-size", "4", "--max-steps", "3", "--no-progress", "--eval-fraction", "0"])
     assert code == 0
+    code = main(["train", "--recipe", "distill", "--model", str(tmp_path / "student"), "--teacher", str(teacher),
+                 "--data", str(data), "--out", str(tmp_path / "lora"), "--seq-len", "64", "--batch-size", "4",
+                 "--max-steps", "2", "--lora-rank", "4", "--no-progress", "--eval-fraction", "0"])
+    assert code == 0 and (tmp_path / "lora" / "adapter" / "adapter_model.safetensors").is_file()  # a LoRA student
     no_id = write_jsonl(tmp_path / "noid.jsonl", [chat(q, a) for q, a in FACTS])
     code = main(["train", "--recipe", "distill", "--model", str(tmp_path / "student"), "--teacher-logits",
                  str(tmp_path / "cache"), "--data", str(no_id), "--out", str(tmp_path / "off2"), "--max-steps", "1",

@@ -123,7 +123,7 @@ def test_distributed_section(base_model, tmp_path, capsys, sft_file):
     ({"batch_size": 0}, "batch_size: must be at least 1, got 0"),
     ({"batch_size": True}, "batch_size: expected a whole number, got True"),
     ({"max_steps": "10"}, "max_steps: expected a whole number, got '10'"),
-    ({"recipe": "finetune"}, "recipe: expected one of pretrain, sft, dpo, got 'finetune'"),
+    ({"recipe": "finetune"}, "recipe: expected one of pretrain, sft, dpo, distill, got 'finetune'"),
     ({"resume": "yes please"}, "resume: expected true or false, got 'yes please'"),
     ({"threads": 0}, "threads: must be at least 1, got 0"),
     ({"adam_betas": [0.9]}, "adam_betas: expected two numbers [beta1, beta2], got [0.9]"),
