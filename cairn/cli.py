@@ -100,7 +100,8 @@ def tokenizer_train(corpus: list[str], vocab_size: int, out: str) -> int:
 
 def train(config: str | None = None, pool: str | None = None, token: str | None = None, **options) -> int:
     """Train a model: pretrain on raw text, supervised fine-tuning on chat or alpaca JSONL, DPO on comparisons, or
-    distill a teacher (--teacher, or --teacher-logits from `cairn synth --save-logits`); full fine-tuning or LoRA. Options come from CONFIG.yaml (keys as in the README) and flags, flags winning.
+    distill a teacher (--teacher, or --teacher-logits from `cairn synth --save-logits`); full fine-tuning, LoRA,
+    prompt or prefix tuning. Options come from CONFIG.yaml (keys as in the README) and flags, flags winning.
     Writes an HF checkpoint to --out (plus adapter/ under LoRA), resumable checkpoints, metrics.jsonl and loss.png.
     --pool ADDRESS --workers N (or a `distributed:` section in the config) trains on N pool devices with DiLoCo (or
     --sync every-step)."""

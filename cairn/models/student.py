@@ -68,7 +68,8 @@ def _keep(teacher: LlamaStage, cfg: ModelConfig, layers: list[int]) -> LlamaStag
 
 
 def make_student(teacher_dir: str | Path, out_dir: str | Path, layers: int, select: str = "even",
-                 texts: list[str] | None = None, random_init: bool = False, seed: int = 0) -> tuple[ModelConfig, list[int]]:
+                 texts: list[str] | None = None, random_init: bool = False,
+                 seed: int = 0) -> tuple[ModelConfig, list[int]]:
     """Write a student of `layers` layers to out_dir: the teacher's layers chosen by `select` ('even', or
     'importance' measured on `texts`), or (random_init) random weights of the teacher's shape; the teacher's
     tokenizer, chat template and generation settings either way. Returns its config and the kept layers."""

@@ -121,7 +121,8 @@ def load_adapter(path: str | Path, cfg: ModelConfig) -> VirtualTokens:
         raise ModelLoadError(f"{path} is not an adapter directory (adapter_config.json: {e})") from None
     kind = {v: k for k, v in PEFT_TYPES.items()}.get(meta.get("peft_type"))
     if kind is None:
-        hint = " (merge LoRA adapters into the model with `cairn lora merge`)" if meta.get("peft_type") == "LORA" else ""
+        lora = meta.get("peft_type") == "LORA"
+        hint = " (merge LoRA adapters into the model with `cairn lora merge`)" if lora else ""
         raise ModelLoadError(f"{path}: cairn serves prompt- and prefix-tuning adapters, not {meta.get('peft_type')}"
                              + hint)
     if meta.get("num_transformer_submodules", 1) != 1 or meta.get("prefix_projection"):

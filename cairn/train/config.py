@@ -204,6 +204,8 @@ class TrainConfig:
                                "exactly one of them")
             if self.on_policy and self.teacher is None:
                 bad("on_policy", "on-policy distillation needs the teacher itself (teacher), not a cache")
+            if self.on_policy and (self.prompt_tuning or self.prefix_tuning):
+                bad("on_policy", "on-policy samples are drawn without prompt or prefix adapters; train those off-policy")
         elif self.teacher is not None or self.teacher_logits is not None:
             bad("teacher", f"a teacher is only used by the distill recipe, not {self.recipe}")
         for name in ("distill_alpha", "distill_beta", "on_policy"):

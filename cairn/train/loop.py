@@ -213,7 +213,7 @@ class Trainer:
         total, parts, tokens = 0.0, {"ce": 0.0, "kd": 0.0}, 0
         for b, exs, alpha in batches:
             labels = b.labels.to(self.device)
-            teacher = self.teacher.for_batch(b, exs, self.model_cfg.vocab_size)
+            teacher = self.teacher.for_batch(b, exs, self.model_cfg.vocab_size) if alpha < 1 else None
             loss, p = distill_loss_sum(self._forward(b), teacher, labels, alpha, c.distill_loss,
                                        c.distill_temperature, c.distill_beta)
             (loss / n_targets).backward()

@@ -20,7 +20,8 @@ from cairn.errors import UserError
 from cairn.train.distill import SparseTeacher
 
 
-def write_shard(cache_dir: str | Path, entries: dict[str, tuple[list[int], SparseTeacher]], teacher: str) -> Path | None:
+def write_shard(cache_dir: str | Path, entries: dict[str, tuple[list[int], SparseTeacher]],
+                teacher: str) -> Path | None:
     """One shard with `entries` (key -> (ids, top-K of positions 0..n-2)); None when there is nothing to write."""
     if not entries:
         return None
@@ -87,7 +88,8 @@ class TeacherCache:
         cached, top = self.records[key]
         if cached[: len(ids)] != ids:
             raise UserError(f"{where}: record {key!r} renders to other tokens than the cache holds: the cache was "
-                            "written with another tokenizer or chat template than the student's", param="teacher_logits")
+                            "written with another tokenizer or chat template than the student's",
+                            param="teacher_logits")
         n = len(ids) - 1
         return SparseTeacher(top.ids[:n], top.logprobs[:n].float())
 

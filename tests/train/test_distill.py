@@ -17,7 +17,7 @@ from cairn.models.init import init_model
 from cairn.models.llama import full_forward
 from cairn.models.student import evenly_spaced, make_student, most_important
 from cairn.train.config import TrainConfig
-from cairn.train.distill import SparseTeacher, distill_loss_sum, kd_loss_sum, top_k
+from cairn.train.distill import distill_loss_sum, kd_loss_sum, top_k
 from cairn.train.loop import Trainer, prepare
 from cairn.train.losses import lm_loss_sum
 from cairn.train.teacher_cache import TeacherCache, write_shard
