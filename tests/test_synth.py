@@ -173,17 +173,18 @@ def test_docs_self_instruct_judge_and_saved_logits_match_transformers(teacher, s
     for r in records:
         assert "Bread needs only flour" in r["messages"][0]["content"]  # grounded: the passage is in the prompt
         assert r["meta"]["question"] in r["messages"][0]["content"] and r["meta"]["source"] == "bread.txt#0"
-    if records:  # the teacher's top-8 per token, against transformers on the fp32 import of the same file
-        from transformers import AutoModelForCausalLM
+    assert records, "no record was kept to check the teacher's saved logits against"
+    # the teacher's top-8 per token, against transformers on the fp32 import of the same file
+    from transformers import AutoModelForCausalLM
 
-        cache = TeacherCache(tmp_path / "docs.jsonl.logits")
-        hf = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
-        ids, top = cache.records[records[0]["id"]]
-        with torch.no_grad():
-            ref = torch.log_softmax(hf(torch.tensor([ids])).logits[0, :-1].float(), -1)
-        assert torch.equal(top.ids[:, 0].long(), ref.argmax(-1))
-        picked = ref.gather(-1, top.ids.long())
-        assert torch.allclose(top.logprobs.float(), picked, atol=1e-2, rtol=2e-3)  # stored as float16
+    cache = TeacherCache(tmp_path / "docs.jsonl.logits")
+    hf = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    ids, top = cache.records[records[0]["id"]]
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([ids])).logits[0, :-1].float(), -1)
+    assert torch.equal(top.ids[:, 0].long(), ref.argmax(-1))
+    picked = ref.gather(-1, top.ids.long())
+    assert torch.allclose(top.logprobs.float(), picked, atol=1e-2, rtol=2e-3)  # stored as float16
     si = tmp_path / "si.jsonl"  # Magpie: the teacher writes the user turn from its template's opening alone
     assert main(["synth", str(teacher), "--out", str(si), "--self-instruct", "--count", "1", "--max-tokens", "24",
                  "--batch", "2"]) == 0
