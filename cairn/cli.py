@@ -257,25 +257,16 @@ def synth(teacher: str, out: str, seeds: str | None = None, from_docs: str | Non
 
 def _replicas(model_dir: str, config, pool: str, token: str | None, n: int) -> list:
     """n copies of a model, each whole on its own pool device (the first n devices of the pool)."""
-    from cairn.config import ModelConfig
-    from cairn.engine.api import LLM, resolve_dtype
-
-    model_dir = _model(model_dir, quantized=True)
+    model_dir = _model(model_dir, quantized=True)  # a .gguf resolved once, not per copy
     _pool().connect(pool, _pool_token(token))
     devices = _pool("cairn.pool.service").pool_devices()
     if n > len(devices):
         raise UserError(f"--replicas {n}: the pool has {len(devices)} device(s)", param="replicas")
-    PipelineRunner = _pool("cairn.pool.ray_backend").PipelineRunner
-    cfg = ModelConfig.from_hf_dir(model_dir)
-    max_context = min(cfg.max_position_embeddings, config.max_context or 4096)
     llms = []
     try:
         for i, dev in enumerate(devices[:n]):
-            runner = PipelineRunner(model_dir, cfg, max_seqs=config.max_seqs, max_context=max_context,
-                                    dtype=resolve_dtype(cfg, config), max_batch_tokens=config.max_batch_tokens,
-                                    threads=config.threads, name=f"{Path(model_dir).name}-replica{i}",
-                                    nodes={dev.node_id}, kv_memory=config.kv_memory, block_size=config.block_size)
-            llms.append(LLM(model_dir, config, runner=runner))
+            llms.append(_load_llm(model_dir, config, pool, token, name=f"{Path(model_dir).name}-replica{i}",
+                                  nodes={dev.node_id}))
     except BaseException:
         for llm in llms:
             llm.close()
@@ -378,8 +369,8 @@ def _sampling(max_tokens, temperature, top_p, top_k, seed, stop, repetition_pena
 
 
 def _load_llm(model_dir: str, config, pool: str | None = None, token: str | None = None, wire_dtype: str = "fp32",
-              name: str | None = None):
-    """A local LLM, or one whose model is placed across the pool at `pool`."""
+              name: str | None = None, nodes: set[str] | None = None):
+    """A local LLM, or one whose model is placed across the pool at `pool` (on `nodes` only, when given)."""
     from cairn.engine.api import LLM, resolve_dtype
 
     model_dir = _model(model_dir, quantized=True)
@@ -393,8 +384,8 @@ def _load_llm(model_dir: str, config, pool: str | None = None, token: str | None
     max_context = min(cfg.max_position_embeddings, config.max_context or 4096)
     runner = PipelineRunner(model_dir, cfg, max_seqs=config.max_seqs, max_context=max_context,
                             dtype=resolve_dtype(cfg, config), max_batch_tokens=config.max_batch_tokens,
-                            wire=wire_dtype, threads=config.threads, name=name, kv_memory=config.kv_memory,
-                            block_size=config.block_size)
+                            wire=wire_dtype, threads=config.threads, name=name, nodes=nodes,
+                            kv_memory=config.kv_memory, block_size=config.block_size)
     return LLM(model_dir, config, runner=runner)
 
 

@@ -5,13 +5,14 @@
                  answers it with the passage in the prompt (grounded question answering);
   self-instruct  the teacher invents the instruction itself: it is given only its chat template's opening of a
                  user turn and writes the user's message (Magpie), then answers it.
-Every request goes through the LLM's engine (submitted a batch at a time, so they decode together; a pool-served
-teacher works the same way). Kept examples are chat JSONL records that `cairn train --recipe sft` (or distill)
-reads, each with an "id" and its provenance under "meta". Dropped ones are counted by reason.
+Every request goes through the LLM's engine: `batch` tasks are in flight at once, so their requests decode
+together (a pool-served teacher, or several copies of it, works the same way). Kept examples are chat JSONL
+records that `cairn train --recipe sft` (or distill) reads, each with an "id" and its provenance under "meta".
+Dropped ones are counted by reason.
 
 Resumable: OUT gets the kept records and OUT.progress one line per finished task (kept or the reason it was
-dropped), both appended and flushed a batch at a time; a restarted run skips every finished task, rebuilds the
-duplicate index, and repairs a line a kill cut short. No duplicates, nothing lost."""
+dropped), both appended and fsynced 16 finished tasks at a time; a restarted run skips every finished task,
+rebuilds the duplicate index, and repairs a line a kill cut short. No duplicates, nothing lost."""
 
 from __future__ import annotations
 

@@ -297,31 +297,36 @@ class LLM:
         """The model's logprob of each prompt token given the ones before it (None for the first), with `top`
         alternatives each: what an echoed prompt reports. One cache-free forward, beside the engine's steps; a
         runner without `prompt_logits` (a pool) cannot do it."""
-        score = getattr(self.runner, "prompt_logits", None)
-        if score is None:
-            raise UserError("prompt logprobs (echo with logprobs) are not available for a model served by a pool",
-                            param="echo")
-        n = len(self.virtual)
-        self.engine.check(self._with_virtual(ids), SamplingParams(max_tokens=None))
-        logsm = torch.log_softmax(score(self._with_virtual(ids))[n:-1].float(), -1)  # (T - 1, V): row i -> ids[i + 1]
-        return [None] + [TokenLogprob(t, float(logsm[i, t]), tuple(top_logprobs(logsm[i], top)))
-                         for i, t in enumerate(ids[1:])]
+        def entries(logits):
+            logsm = torch.log_softmax(logits[:-1].float(), -1)  # (T - 1, V): row i predicts ids[i + 1]
+            return [None] + [TokenLogprob(t, float(logsm[i, t]), tuple(top_logprobs(logsm[i], top)))
+                             for i, t in enumerate(ids[1:])]
+
+        return self._prompt_logits(ids, entries, UserError(
+            "prompt logprobs (echo with logprobs) are not available for a model served by a pool", param="echo"))
 
     def prompt_top(self, ids: list[int], k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The model's top-k token ids (int32) and logprobs after each of ids[:-1]: (n - 1, k) each, row i for the
         token after ids[:i + 1] (what a distillation cache keeps). On the engine thread; local runners only."""
-        score = getattr(self.runner, "prompt_logits", None)
-        if score is None:
-            raise UserError("the teacher's top-k logits need the model in this process, not served by a pool",
-                            param="save_logits")
-        full = self._with_virtual(ids)
-        self.engine.check(full, SamplingParams(max_tokens=None))
-
-        def run():
-            values, top = torch.log_softmax(score(full)[len(self.virtual) : -1].float(), -1).topk(k, -1)
+        def top_k(logits):
+            values, top = torch.log_softmax(logits[:-1].float(), -1).topk(k, -1)
             return top.to(torch.int32), values
 
-        return self._on_engine_thread(run)
+        return self._prompt_logits(ids, top_k, UserError(
+            "the teacher's top-k logits need the model in this process, not served by a pool", param="save_logits"))
+
+    def _prompt_logits(self, ids: list[int], then: Callable[[torch.Tensor], Any], unavailable: UserError | None,
+                       check: bool = True) -> Any:
+        """then(logits) for the (len(ids), V) logits after each of ids, row i following ids[: i + 1] (an adapter's
+        virtual tokens go in front, their rows are dropped): one cache-free forward beside the engine's steps, and
+        `then`, on the engine thread. Runners without `prompt_logits` (a pool) raise `unavailable`."""
+        score = getattr(self.runner, "prompt_logits", None)
+        if score is None:
+            raise unavailable
+        full, n = self._with_virtual(ids), len(self.virtual)
+        if check:
+            self.engine.check(full, SamplingParams(max_tokens=None))
+        return self._on_engine_thread(lambda: then(score(full)[n:]))
 
     def score(self, ids: list[int]) -> tuple[list[float], list[bool]]:
         """The logprob of each of ids[1:] given the ones before it, and whether it was the greedy choice: what
@@ -330,10 +335,8 @@ class LLM:
             raise UserError("scoring needs at least two tokens", param="prompt")
         if len(ids) + len(self.virtual) > self.engine.max_context:
             raise UserError(f"{len(ids)} tokens do not fit the context of {self.engine.max_context}", param="prompt")
-        if self.virtual:  # rows after the adapter's tokens: logits[n + i] predicts ids[i + 1]
-            n = len(self.virtual)
-            return self._on_engine_thread(
-                lambda: target_logprobs(self.runner.prompt_logits(self._with_virtual(ids))[n:], ids))
+        if self.virtual:  # the adapter's tokens in front (a local runner: adapters are not served by a pool)
+            return self._prompt_logits(ids, lambda logits: target_logprobs(logits, ids), None, check=False)
         return self._on_engine_thread(self.runner.score, ids)
 
     def score_many(self, seqs: list[list[int]], starts: list[int]) -> list[tuple[list[float], list[bool]]]:
