@@ -482,7 +482,7 @@ def serve(model_dirs: list[str], host: str = "127.0.0.1", port: int = 8000, api_
           threads: int | None = None, pool: str | None = None, token: str | None = None,
           wire_dtype: str = "fp32", max_body_bytes: int = 4 * 1024 * 1024, log_level: str = "info",
           log_json: bool = False, kv_memory: str | None = None, prefix_cache: bool = True,
-          draft: str | None = None, adapter: str | None = None) -> int:
+          draft: str | None = None, adapter: str | None = None, router: list[str] | None = None) -> int:
     """Serve local models over an OpenAI-compatible API: /v1/models, /v1/chat/completions, /v1/completions
     (streaming too), /health, /metrics and /openapi.json. --api-key (or CAIRN_API_KEY) makes /v1 require
     'Bearer KEY'. --max-concurrency sequences decode together per model; beyond --max-queue waiting requests, 429;
@@ -491,7 +491,10 @@ def serve(model_dirs: list[str], host: str = "127.0.0.1", port: int = 8000, api_
     serving when a device disappears. The KV cache grows in blocks as sequences do, up to --kv-memory (default:
     what the device has left after the weights); when it is full, new requests wait and running ones may be
     preempted and resumed. Requests that share a prompt prefix share its cached blocks (--no-prefix-cache: off).
-    --draft ngram decodes greedy requests speculatively by prompt lookup (same output, fewer steps)."""
+    --draft ngram decodes greedy requests speculatively by prompt lookup (same output, fewer steps).
+    --router ROUTER (a YAML file or `cairn router train`'s directory) adds its name (default `auto`): requests to it
+    are answered by the model the router picks (rules, learned or cascade), named in the response's `model` field
+    and x-cairn-model header; /metrics counts requests, tokens and seconds per route."""
     import os
 
     import uvicorn
@@ -510,9 +513,13 @@ def serve(model_dirs: list[str], host: str = "127.0.0.1", port: int = 8000, api_
         raise UserError(f"served model names must differ, got {names}; use --served-name")
     from cairn.config import ModelConfig
 
+    from cairn.route import config as rc
+    from cairn.serve.routed import check_specs
+
+    specs = [rc.load(r) for r in router or ()]
     model_dirs = [_model(d, quantized=True) for d in model_dirs]  # .gguf files: imported once into the cache
-    for d in model_dirs:  # fail before binding the port if a directory is plainly wrong
-        ModelConfig.from_hf_dir(d)
+    configs = {n: ModelConfig.from_hf_dir(d) for n, d in zip(names, model_dirs)}  # fail before binding the port
+    check_specs(specs, names, lambda n: configs[n].hidden_size)
     config = EngineConfig(device=device, dtype=dtype, threads=threads, max_seqs=max_concurrency,
                           max_queue=max_queue, max_context=max_context, kv_memory=_kv_bytes(kv_memory),
                           prefix_caching=prefix_cache, draft=_draft(draft), adapter=adapter)
@@ -525,10 +532,111 @@ def serve(model_dirs: list[str], host: str = "127.0.0.1", port: int = 8000, api_
     def load():
         return {n: _load_llm(d, config, pool, token, wire_dtype, n) for n, d in zip(names, model_dirs)}
 
-    app = create_app(loader=load, api_key=api_key or os.environ.get("CAIRN_API_KEY") or None,
+    app = create_app(loader=load, routers=specs, api_key=api_key or os.environ.get("CAIRN_API_KEY") or None,
                      max_body_bytes=max_body_bytes)
-    print(f"cairn: serving {', '.join(names)} on http://{host}:{port}/v1", flush=True)
+    served = names + [n for spec in specs for n in spec.names()]
+    print(f"cairn: serving {', '.join(served)} on http://{host}:{port}/v1", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="debug" if log_level == "debug" else "warning", access_log=False)
+    return 0
+
+
+def _router_models(models: list[str], names: list[str] | None, threads: int | None, device: str,
+                   dtype: str | None, max_concurrency: int):
+    """The small and the large model (loaded), and the names a router calls them by (default: their names)."""
+    if len(models) != 2:
+        raise UserError(f"--models takes two models, SMALL then LARGE; got {len(models)}", param="models")
+    names = names or [Path(m).resolve().stem if Path(m).is_file() else Path(m).resolve().name for m in models]
+    if len(names) != 2 or names[0] == names[1]:
+        raise UserError(f"--names takes two different names, one per model; got {names}", param="names")
+    config = _engine_config(device, dtype, threads, max_seqs=max_concurrency)
+    small = _load_llm(models[0], config)
+    try:
+        large = _load_llm(models[1], config)
+    except BaseException:
+        small.close()
+        raise
+    return small, large, (names[0], names[1])
+
+
+def _router_judge(judge: str | None, threads, device, dtype, max_concurrency):
+    return None if judge is None else _load_llm(judge, _engine_config(device, dtype, threads, max_seqs=max_concurrency))
+
+
+def router_train(data: str, models: list[str], out: str, names: list[str] | None = None, judge: str | None = None,
+                 metric: str = "contains", max_tokens: int = 32, share: float | None = None,
+                 max_concurrency: int = 16, device: str = "cpu", dtype: str | None = None,
+                 threads: int | None = None) -> int:
+    """Train a learned router for --models SMALL LARGE on --data FILE.jsonl (each line a `prompt` or `messages`, and
+    an `answer` both models are scored on, `scores` per model name, a preference `winner`, or nothing with --judge
+    MODEL): a classifier of the small model's hidden states predicts whether its answer is good enough. Writes
+    OUT/router.yaml and OUT/classifier.safetensors, for `cairn serve SMALL LARGE --router OUT`. --names: the served
+    names of the two models (default: their directory names); --share S sets the threshold that sends S of the
+    training prompts to the large model (default threshold 0.5)."""
+    from cairn.route import commands as rcmd
+
+    items = rcmd.read_items(data)
+    small, large, pair = _router_models(models, names, threads, device, dtype, max_concurrency)
+    judge_llm = _router_judge(judge, threads, device, dtype, max_concurrency)
+    try:
+        report = rcmd.train(small, large, items, pair, out, judge_llm, metric, max_tokens, share,
+                            show=sys.stderr.isatty())
+    finally:
+        for llm in (small, large, judge_llm):
+            if llm is not None:
+                llm.close()
+    print(f"router written to {out}: threshold {report['threshold']:.3f}; {report['items']} items, small good enough "
+          f"on {report['small_good']}; cross-validated AUC {report['cv_auc']:.3f} (L2 {report['l2']})")
+    return 0
+
+
+def router_calibrate(router: str, data: str, model: str, share: float, out: str | None = None,
+                     max_tokens: int = 32, max_concurrency: int = 16, device: str = "cpu", dtype: str | None = None,
+                     threads: int | None = None) -> int:
+    """Set ROUTER's threshold so that --share of the prompts in --data go to the large model; --model is the
+    router's small (first) model. Writes the router back (or to --out)."""
+    from cairn.route import commands as rcmd
+    from cairn.route import config as rc
+
+    spec = rc.load(router)
+    items = rcmd.read_items(data)
+    with _load_llm(model, _engine_config(device, dtype, threads, max_seqs=max_concurrency)) as small:
+        r = rcmd.calibrate(spec, small, items, share, out, max_tokens, show=sys.stderr.isatty())
+    print(f"threshold {r['threshold']:.4f} sends {r['share_large']:.1%} of {len(items)} prompts to the large model "
+          f"(target {share:.0%}); written to {r['router']}")
+    return 0
+
+
+def router_eval(routers: list[str], data: str, models: list[str], names: list[str] | None = None,
+                judge: str | None = None, metric: str = "contains", max_tokens: int = 32, cost_items: int = 16,
+                out: str | None = None, png: str | None = None, max_concurrency: int = 16, device: str = "cpu",
+                dtype: str | None = None, threads: int | None = None) -> int:
+    """Draw each ROUTER's cost-quality curve on --data (held-out items, as for `router train`) for --models SMALL
+    LARGE: quality against the share of requests sent to the large model, beside random routing and each model
+    alone. Prints the performance gap recovered at 20/50/80%% large-model calls, the least share and cost reaching
+    95%% of the large model's quality, the margin over random routing and the router's own cost; writes --out JSON
+    and --png (default router-eval.json / .png). Costs are seconds per request, one request at a time, over the
+    first --cost-items items."""
+    from cairn.fsutil import atomic_write_json
+    from cairn.route import commands as rcmd
+    from cairn.route import config as rc
+
+    specs = [rc.load(r) for r in routers]
+    items = rcmd.read_items(data)
+    small, large, pair = _router_models(models, names, threads, device, dtype, max_concurrency)
+    judge_llm = _router_judge(judge, threads, device, dtype, max_concurrency)
+    try:
+        result = rcmd.evaluate(specs, small, large, items, pair, judge_llm, metric, max_tokens, cost_items,
+                               show=sys.stderr.isatty())
+    finally:
+        for llm in (small, large, judge_llm):
+            if llm is not None:
+                llm.close()
+    out = out or "router-eval.json"
+    png = png or str(Path(out).with_suffix(".png"))
+    atomic_write_json(out, result)
+    rcmd.plot(result, png)
+    print(rcmd.format_report(result))
+    print(f"wrote {out} and {png}")
     return 0
 
 
@@ -703,6 +811,15 @@ _ADAPTER = [
              "served without merging"),
 ]
 
+_ROUTER = [
+    arg("--names", nargs=2, default=None, metavar=("SMALL_NAME", "LARGE_NAME"),
+        help="the names the models are served under (default: their directory names)"),
+    arg("--judge", default=None, metavar="MODEL", help="rate both answers 1-5 where an item has no answer or scores"),
+    arg("--metric", choices=["contains", "exact_match"], default="contains", help="scoring items with an `answer`"),
+    arg("--max-tokens", type=int, default=32, help="most tokens per answer"),
+    arg("--max-concurrency", type=int, default=16, help="answers generated together"),
+]
+
 _RUNTIME = [
     arg("--device", default="cpu", help="cpu, cuda or cuda:N"),
     arg("--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="compute dtype (default: checkpoint's)"),
@@ -769,10 +886,40 @@ COMMANDS: dict[str, tuple[Callable[..., int], list[Arg]]] = {
         arg("--log-level", choices=["debug", "info", "warning", "error"], default="info",
             help="requests are logged at info, failures at warning/error"),
         arg("--log-json", action="store_true", help="log JSON lines instead of text"),
+        arg("--router", action="append", default=None, metavar="ROUTER",
+            help="a router file or directory: its name (default auto) routes between the served models"),
         *_RUNTIME,
         *_KV,
         *_POOL,
         *_ADAPTER,
+    ]),
+    "router train": (router_train, [
+        arg("--data", required=True, metavar="FILE.jsonl"),
+        arg("--models", nargs=2, required=True, metavar=("SMALL", "LARGE")),
+        arg("--out", required=True, metavar="DIR"),
+        *_ROUTER,
+        arg("--share", type=float, default=None, help="threshold sending this share of the prompts to LARGE"),
+        *_RUNTIME,
+    ]),
+    "router calibrate": (router_calibrate, [
+        arg("router", metavar="ROUTER"),
+        arg("--data", required=True, metavar="FILE.jsonl"),
+        arg("--model", required=True, metavar="SMALL", help="the router's small (first) model"),
+        arg("--share", type=float, required=True, help="target share of prompts sent to the large model"),
+        arg("--out", default=None, help="write the calibrated router here instead of over ROUTER"),
+        arg("--max-tokens", type=int, default=32, help="a cascade's answers: most tokens"),
+        arg("--max-concurrency", type=int, default=16),
+        *_RUNTIME,
+    ]),
+    "router eval": (router_eval, [
+        arg("routers", nargs="+", metavar="ROUTER"),
+        arg("--data", required=True, metavar="FILE.jsonl"),
+        arg("--models", nargs=2, required=True, metavar=("SMALL", "LARGE")),
+        *_ROUTER,
+        arg("--cost-items", type=int, default=16, help="requests timed one at a time per model"),
+        arg("--out", default=None, help="result JSON (default router-eval.json)"),
+        arg("--png", default=None, help="the curve (default: beside --out)"),
+        *_RUNTIME,
     ]),
     "train": (train, [
         arg("config", nargs="?", default=None, metavar="CONFIG.yaml"),

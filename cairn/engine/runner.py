@@ -309,6 +309,18 @@ class LocalRunner:
             x = stage(x, ctx)
         return x[0]  # (T, V)
 
+    @torch.inference_mode()
+    def prompt_hidden(self, tokens: list[int]) -> torch.Tensor:
+        """The last stage's normalised hidden states (T, H) after each of `tokens` (the head's input), in one
+        cache-free forward like prompt_logits."""
+        first = self.stages[0]
+        device = next(first.parameters()).device
+        x = torch.tensor([tokens], device=device)  # (1, T)
+        ctx = CausalContext(first.cfg, 1, len(tokens), device)
+        for stage in self.stages[:-1]:
+            x = stage(x, ctx)
+        return self.stages[-1](x, ctx, head=False)[0].float()  # (T, H)
+
     def score(self, tokens: list[int]) -> tuple[list[float], list[bool]]:
         """Logprob of each of tokens[1:] given the ones before it, and whether it was the greedy choice."""
         return target_logprobs(self.prompt_logits(tokens), tokens)

@@ -32,6 +32,8 @@ from cairn.serve import responses as out
 from cairn.serve.errors import APIError, from_submit
 from cairn.serve.metrics import Metrics
 from cairn.serve.observe import Observe, request_info
+from cairn.route.config import RouterSpec
+from cairn.serve import routed
 from cairn.serve.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -48,10 +50,14 @@ MAX_BODY_BYTES = 4 * 1024 * 1024
 
 
 def create_app(models: dict[str, LLM] | None = None, *, loader: Callable[[], dict[str, LLM]] | None = None,
-               api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+               routers: list[RouterSpec] = (), api_key: str | None = None,
+               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     """An app serving `models` (name -> LLM), or the ones `loader` returns, loaded in the background while
-    /health answers 503. Request bodies over `max_body_bytes` are refused with 413."""
-    state = {"models": dict(models or {}), "ready": models is not None, "load_error": None}
+    /health answers 503; each of `routers` answers to its own names (serve/names.py) by picking one of the models
+    (serve/routed.py). Request bodies over `max_body_bytes` are refused with 413."""
+    state = {"models": dict(models or {}), "ready": models is not None, "load_error": None, "routes": {}}
+    if models is not None:
+        state["routes"] = routed.build(list(routers), state["models"])
     metrics = Metrics(lambda: {n: {**m.stats(), **m.kv_stats()} for n, m in state["models"].items()})
     app = FastAPI(title="cairn", version="0.1.0", summary="OpenAI-compatible API over locally served models")
     app.state.cairn = state
@@ -59,7 +65,7 @@ def create_app(models: dict[str, LLM] | None = None, *, loader: Callable[[], dic
                        max_body_bytes=max_body_bytes)
     app.openapi = lambda: _openapi(app)
     if loader is not None:
-        _load_in_background(state, loader)
+        _load_in_background(state, loader, list(routers))
     _add_error_handlers(app)
 
     def authorize(request: Request) -> None:
@@ -71,15 +77,34 @@ def create_app(models: dict[str, LLM] | None = None, *, loader: Callable[[], dic
             raise APIError(401, "missing or wrong API key (send 'Authorization: Bearer KEY')",
                            "authentication_error", code="invalid_api_key")
 
-    def model(name: str) -> LLM:
+    def model(name: str) -> LLM | routed.Route:
+        """The served model or the router answering to `name`."""
         if not state["ready"]:
             if state["load_error"]:
                 raise APIError(503, f"model loading failed: {state['load_error']}", "server_error")
             raise APIError(503, "models are still loading; retry shortly", "server_error", headers={"Retry-After": "1"})
+        if name in state["routes"]:
+            return state["routes"][name]
         if name not in state["models"]:
-            raise APIError(404, f"model {name!r} does not exist; available: {', '.join(state['models'])}",
-                           "not_found_error", "model", "model_not_found")
+            raise APIError(404, f"model {name!r} does not exist; available: "
+                           f"{', '.join([*state['models'], *state['routes']])}", "not_found_error", "model",
+                           "model_not_found")
         return state["models"][name]
+
+    async def answer(requested: str, prepare, params: SamplingParams, n: int, seed: int | None,
+                     info) -> tuple[str, LLM, list]:
+        """Which model answers (the requested one, or the one its router picks) and the request's handles.
+        prepare(llm) gives the prompts' token ids for that model and the prompt's text."""
+        target = model(requested)
+        if isinstance(target, routed.Route):
+            name, llm, handles = await routed.dispatch(target, requested, state["models"], prepare, params, n, seed,
+                                                       _submit, info)
+        else:
+            name, llm = requested, target
+            ids, _ = await asyncio.to_thread(prepare, llm)
+            handles = _submit(llm, ids, params, n, seed)
+        info.model = info.answered_by = name
+        return name, llm, handles
 
     @app.get("/health")
     async def health():
@@ -96,7 +121,8 @@ def create_app(models: dict[str, LLM] | None = None, *, loader: Callable[[], dic
     async def list_models(request: Request):
         authorize(request)
         now = int(time.time())
-        return ModelList(data=[ModelCard(id=n, created=now) for n in state["models"]])
+        return ModelList(data=[ModelCard(id=n, created=now) for n in state["models"]]
+                         + [ModelCard(id=n, created=now, owned_by=routed.ROUTER_OWNER) for n in state["routes"]])
 
     @app.post("/v1/chat/completions", openapi_extra=_doc("ChatCompletionRequest", "ChatCompletion",
                                                           "ChatCompletionChunk"))
@@ -105,14 +131,18 @@ def create_app(models: dict[str, LLM] | None = None, *, loader: Callable[[], dic
         authorize(request)
         body = await _parse(request, ChatCompletionRequest)
         info.model = body.model
-        llm = model(body.model)
+        model(body.model)
         if body.top_logprobs and not body.logprobs:
             raise APIError(400, "top_logprobs: needs logprobs: true", param="top_logprobs")
-        prompt = await asyncio.to_thread(llm.render_chat, [m.for_template() for m in body.messages])
+        messages = [m.for_template() for m in body.messages]
         params = _params(body, body.max_completion_tokens or body.max_tokens,
                          (body.top_logprobs or 0) if body.logprobs else None)
-        handles = _submit(llm, [prompt], params, body.n, body.seed)
-        base = {"id": f"chatcmpl-{info.id}", "created": int(time.time()), "model": body.model}
+
+        def prepare(llm):
+            return [llm.render_chat(messages)], "\n".join(m["content"] for m in messages)
+
+        name, llm, handles = await answer(body.model, prepare, params, body.n, body.seed, info)
+        base = {"id": f"chatcmpl-{info.id}", "created": int(time.time()), "model": name}
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
             return out.sse(out.chat_stream(llm, base, handles, info, metrics, usage, body.n), info)
@@ -125,15 +155,25 @@ def create_app(models: dict[str, LLM] | None = None, *, loader: Callable[[], dic
         authorize(request)
         body = await _parse(request, CompletionRequest)
         info.model = body.model
-        llm = model(body.model)
+        model(body.model)
         prompts = _prompt_list(body.prompt)
-        ids = await asyncio.to_thread(lambda: [llm.encode_prompt(x) for x in prompts])
         group = _best_of(body)
         logprobs = body.logprobs if group == body.n else (body.logprobs or 0)  # best_of ranks by logprob
         params = _params(body, 16 if body.max_tokens is None else body.max_tokens, logprobs)
-        echoes = await _echoes(llm, prompts, ids, body)
-        handles = _submit(llm, ids, params, group, body.seed)
-        base = {"id": f"cmpl-{info.id}", "created": int(time.time()), "model": body.model}
+
+        def prepare(llm):
+            ids = [llm.encode_prompt(x) for x in prompts]
+            return ids, "\n".join(x if isinstance(x, str) else llm.tokenizer.decode(x) for x in prompts)
+
+        name, llm, handles = await answer(body.model, prepare, params, group, body.seed, info)
+        try:
+            ids = await asyncio.to_thread(lambda: [llm.encode_prompt(x) for x in prompts])
+            echoes = await _echoes(llm, prompts, ids, body)
+        except BaseException:
+            for h in handles:
+                h.cancel()
+            raise
+        base = {"id": f"cmpl-{info.id}", "created": int(time.time()), "model": name}
         want_lp = body.logprobs is not None
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -145,10 +185,12 @@ def create_app(models: dict[str, LLM] | None = None, *, loader: Callable[[], dic
     return app
 
 
-def _load_in_background(state: dict, loader: Callable[[], dict[str, LLM]]) -> None:
+def _load_in_background(state: dict, loader: Callable[[], dict[str, LLM]], routers: list[RouterSpec]) -> None:
     def load():
         try:
-            state["models"] = loader()
+            models = loader()
+            state["routes"] = routed.build(routers, models)
+            state["models"] = models
             state["ready"] = True
         except UserError as e:  # reported by /health and every request
             log.error("loading the models failed: %s", e)

@@ -14,7 +14,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -39,6 +39,16 @@ class RequestInfo:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     latency_ms: float = 0.0
+    answered_by: str | None = None
+    """The real model that produced the response (sent as the x-cairn-model header)."""
+    router: str | None = None
+    """The router's name when the request asked for one."""
+    route_seconds: float = 0.0
+    """Seconds the router spent deciding."""
+    answer_started: float | None = None
+    """perf_counter() when the answering model started on it."""
+    attempts: list = field(default_factory=list)
+    """Answers a cascade dropped: model, prompt_tokens, completion_tokens, seconds."""
 
 
 def request_info(scope: Scope) -> RequestInfo:
@@ -65,7 +75,12 @@ class Observe:
             if message["type"] == "http.response.start":
                 response_started = True
                 info.status = message["status"]
-                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", info.id.encode())]}
+                extra = [(b"x-request-id", info.id.encode())]
+                if info.answered_by is not None:
+                    extra.append((b"x-cairn-model", info.answered_by.encode()))
+                if info.router is not None:
+                    extra.append((b"x-cairn-router", info.router.encode()))
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
             await send(message)
 
         try:
@@ -84,6 +99,8 @@ class Observe:
         finally:
             info.latency_ms = (time.perf_counter() - started) * 1000
             self.metrics.requests.labels(info.route, str(info.status or 499)).inc()
+            if info.router is not None:
+                self.metrics.record_route(info, time.perf_counter())
             _log_request(info)
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes | None | object:
