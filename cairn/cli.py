@@ -519,7 +519,7 @@ def serve(model_dirs: list[str], host: str = "127.0.0.1", port: int = 8000, api_
     specs = [rc.load(r) for r in router or ()]
     model_dirs = [_model(d, quantized=True) for d in model_dirs]  # .gguf files: imported once into the cache
     configs = {n: ModelConfig.from_hf_dir(d) for n, d in zip(names, model_dirs)}  # fail before binding the port
-    check_specs(specs, names, lambda n: configs[n].hidden_size)
+    check_specs(specs, names, configs.__getitem__)
     config = EngineConfig(device=device, dtype=dtype, threads=threads, max_seqs=max_concurrency,
                           max_queue=max_queue, max_context=max_context, kv_memory=_kv_bytes(kv_memory),
                           prefix_caching=prefix_cache, draft=_draft(draft), adapter=adapter)
@@ -638,6 +638,18 @@ def router_eval(routers: list[str], data: str, models: list[str], names: list[st
     print(rcmd.format_report(result))
     print(f"wrote {out} and {png}")
     return 0
+
+
+def merge(recipe: str, out: str, seed: int | None = None, shard_mib: int = 1024) -> int:
+    """Merge models as a mergekit YAML recipe says (merge_method linear, slerp, task_arithmetic, ties, dare_linear,
+    dare_ties, breadcrumbs, breadcrumbs_ties, model_stock or passthrough; `models:` or `slices:`; parameters as
+    scalars, layer gradients or name filters) into a Hugging Face checkpoint at --out, tensor by tensor (memory: one
+    shard of --shard-mib plus a few input tensors). Keys or methods cairn does not know are refused by name. --seed
+    fixes the random drops of dare_*; an interrupted merge rerun with the same recipe and --out keeps the shards
+    already written."""
+    from cairn.merge.commands import merge_recipe
+
+    return merge_recipe(recipe, out, seed, shard_mib, progress=sys.stderr.isatty())
 
 
 def _pool(module: str = "cairn.pool.control"):
@@ -998,6 +1010,12 @@ COMMANDS: dict[str, tuple[Callable[..., int], list[Arg]]] = {
         arg("--replicas", type=int, default=0, help="with --pool: N copies of the teacher, each on one device"),
         *_RUNTIME,
         *_POOL,
+    ]),
+    "merge": (merge, [
+        arg("recipe", metavar="CONFIG.yaml", help="a mergekit recipe"),
+        arg("--out", required=True, metavar="DIR"),
+        arg("--seed", type=int, default=None, help="the random drops of dare_* (mergekit's --random-seed)"),
+        arg("--shard-mib", type=int, default=1024, help="largest output shard"),
     ]),
     "import": (gguf_import, [
         arg("gguf_file", metavar="MODEL.gguf"),

@@ -351,3 +351,23 @@ def test_train_calibrate_and_eval_from_the_command_line(model_factory, tmp_path,
     assert "PGR@50%" in capsys.readouterr().out
     assert main(["router", "eval", str(cascade), "--data", str(answers), "--models", small, large,
                  "--names", "a", "b", "--out", str(res)]) == 2  # the router is for s and l
+
+
+def test_router_features_are_the_hidden_states_transformers_computes(tiny_model):
+    """prompt_features reads the hidden states after the first k blocks (all blocks: after the final norm), as
+    transformers' output_hidden_states gives them (whose last entry is the normalised one)."""
+    from transformers import AutoModelForCausalLM
+
+    ids = [1, 5, 9, 2, 7, 3]
+    ref = AutoModelForCausalLM.from_pretrained(tiny_model, torch_dtype=torch.float32)
+    with torch.no_grad():
+        states = ref(torch.tensor([ids]), output_hidden_states=True).hidden_states  # embeddings, then each block
+    with LLM(tiny_model, EngineConfig(max_seqs=2)) as llm:
+        assert len(states) == 3  # the tiny model has two blocks
+        for k in (0, 1):  # the embeddings, after the first block
+            h = states[k][0]
+            torch.testing.assert_close(llm.prompt_features(ids, k), torch.cat([h.mean(0), h[-1]]), atol=1e-4,
+                                       rtol=1e-4)
+        last = states[-1][0]  # transformers applies the final norm to the last entry
+        torch.testing.assert_close(llm.prompt_features(ids), torch.cat([last.mean(0), last[-1]]), atol=1e-4,
+                                   rtol=1e-4)

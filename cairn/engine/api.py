@@ -315,9 +315,10 @@ class LLM:
         return self._prompt_logits(ids, top_k, UserError(
             "the teacher's top-k logits need the model in this process, not served by a pool", param="save_logits"))
 
-    def prompt_features(self, ids: list[int]) -> torch.Tensor:
-        """What a learned router reads of a prompt: the mean and the last of the model's final normalised hidden
-        states over `ids` (no adapter), (2H,) float32. One cache-free forward on the engine thread; local only."""
+    def prompt_features(self, ids: list[int], layers: int | None = None) -> torch.Tensor:
+        """What a learned router reads of a prompt: the mean and the last of the model's hidden states over `ids`
+        after its first `layers` blocks (None: all, normalised), no adapter; (2H,) float32. One cache-free forward
+        (of those blocks only) on the engine thread; local only."""
         hidden = getattr(self.runner, "prompt_hidden", None)
         if hidden is None:
             raise UserError("a learned router reads the small model's hidden states: serve that model in this "
@@ -327,7 +328,7 @@ class LLM:
         def pool(h):  # (T, H)
             return torch.cat([h.mean(0), h[-1]]).cpu()
 
-        return self._on_engine_thread(lambda: pool(hidden(ids)))
+        return self._on_engine_thread(lambda: pool(hidden(ids, layers)))
 
     def _prompt_logits(self, ids: list[int], then: Callable[[torch.Tensor], Any], unavailable: UserError | None,
                        check: bool = True) -> Any:

@@ -310,16 +310,21 @@ class LocalRunner:
         return x[0]  # (T, V)
 
     @torch.inference_mode()
-    def prompt_hidden(self, tokens: list[int]) -> torch.Tensor:
-        """The last stage's normalised hidden states (T, H) after each of `tokens` (the head's input), in one
-        cache-free forward like prompt_logits."""
+    def prompt_hidden(self, tokens: list[int], layers: int | None = None) -> torch.Tensor:
+        """Hidden states (T, H) after each of `tokens`, in one cache-free forward like prompt_logits: after the
+        first `layers` blocks, or (None) the last stage's normalised ones (the head's input). No adapter."""
         first = self.stages[0]
         device = next(first.parameters()).device
-        x = torch.tensor([tokens], device=device)  # (1, T)
+        x = first.embed_tokens(torch.tensor([tokens], device=device))  # (1, T, H)
         ctx = CausalContext(first.cfg, 1, len(tokens), device)
-        for stage in self.stages[:-1]:
-            x = stage(x, ctx)
-        return self.stages[-1](x, ctx, head=False)[0].float()  # (T, H)
+        done = 0
+        for stage in self.stages:
+            for block in stage.layers:
+                if layers is not None and done >= layers:
+                    return x[0].float()
+                x = block(x, ctx)
+                done += 1
+        return x[0].float() if layers is not None else self.stages[-1].norm(x)[0].float()  # (T, H)
 
     def score(self, tokens: list[int]) -> tuple[list[float], list[bool]]:
         """Logprob of each of tokens[1:] given the ones before it, and whether it was the greedy choice."""

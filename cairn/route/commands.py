@@ -29,7 +29,7 @@ from cairn.config import SamplingParams
 from cairn.errors import UserError
 from cairn.route import config as rc
 from cairn.route import curve as cv
-from cairn.route.learned import Classifier, auc
+from cairn.route.learned import Classifier, auc, feature_layers
 from cairn.route.learned import train as fit_classifier
 from cairn.route.signals import confidence
 
@@ -137,9 +137,9 @@ def qualities(items: list[RouteItem], names: tuple[str, str], small: Answers | N
     return [q[0] for q in out], [q[1] for q in out]
 
 
-def features(llm, items: list[RouteItem]) -> torch.Tensor:
-    """(N, 2H) prompt features of the small model."""
-    return torch.stack([llm.prompt_features(llm.render_chat(it.chat())) for it in items])
+def features(llm, items: list[RouteItem], layers: int | None) -> torch.Tensor:
+    """(N, 2H) prompt features of the small model after its first `layers` blocks."""
+    return torch.stack([llm.prompt_features(llm.render_chat(it.chat()), layers) for it in items])
 
 
 # ----- train
@@ -155,13 +155,16 @@ def train(small, large, items: list[RouteItem], names: tuple[str, str], out: str
         ans_large = answer(large, items, max_tokens, show=show, label=names[1])
     q_small, q_large = qualities(items, names, ans_small, ans_large, judge, metric)
     labels = [int(a >= b) for a, b in zip(q_small, q_large)]
-    x = features(small, items)
+    layers = feature_layers(small.model_config.num_layers)
+    x = features(small, items, layers)
     clf, report = fit_classifier(x, labels)
+    clf.layers = layers
     p = clf.prob(x).tolist()
     threshold = 0.5 if share is None else threshold_for_share(p, share)
     identity = _identity(small)
     spec = rc.RouterSpec("learned", names, threshold=threshold,
                          extra={"trained": {"small_model": identity, "features": int(x.shape[1]),
+                                            "feature_layers": layers,
                                             "items": len(items), "metric": metric, **report}})
     Path(out).mkdir(parents=True, exist_ok=True)
     clf.save(Path(out) / rc.CLASSIFIER_FILE, {"small_model": json.dumps(identity), "features": str(x.shape[1])})
@@ -179,6 +182,9 @@ def load_classifier(spec: rc.RouterSpec, small) -> Classifier:
     """A learned router's classifier, checked against the small model that will feed it."""
     clf, meta = Classifier.load(Path(spec.path) / rc.CLASSIFIER_FILE)
     want = 2 * small.model_config.hidden_size
+    if clf.layers is not None and clf.layers > small.model_config.num_layers:
+        raise UserError(f"{spec.path}: this router reads block {clf.layers} of a small model with "
+                        f"{small.model_config.num_layers}: it was trained for another model", param="router")
     if clf.weight.shape[0] != want:
         raise UserError(f"{spec.path}: this router's classifier reads {clf.weight.shape[0]} features, but "
                         f"{spec.models[0]} gives {want} (hidden size {small.model_config.hidden_size}): it was trained "
@@ -207,7 +213,8 @@ def router_scores(spec: rc.RouterSpec, small, items: list[RouteItem], small_answ
     """Per item, the router's score: higher keeps it on the small model (learned: probability; cascade:
     confidence; rules: 1 when the rules pick the small model, else 0)."""
     if spec.type == "learned":
-        return load_classifier(spec, small).prob(features(small, items)).tolist()
+        clf = load_classifier(spec, small)
+        return clf.prob(features(small, items, clf.layers)).tolist()
     if spec.type == "rules":
         return [float(rc.choose_by_rules(spec, it.text(), len(small.render_chat(it.chat())), spec.name)
                       == spec.models[0]) for it in items]
@@ -261,11 +268,11 @@ def measure_router_cost(spec: rc.RouterSpec, small, items: list[RouteItem], k: i
     items = items[:k]
     if spec.type == "learned":
         clf = load_classifier(spec, small)
-        clf.prob(features(small, items[:1]))  # warm
+        clf.prob(features(small, items[:1], clf.layers))  # warm
     t0 = time.perf_counter()
     for it in items:
         if spec.type == "learned":
-            clf.prob(small.prompt_features(small.render_chat(it.chat())))
+            clf.prob(small.prompt_features(small.render_chat(it.chat()), clf.layers))
         elif spec.type == "rules":
             rc.choose_by_rules(spec, it.text(), len(small.render_chat(it.chat())), spec.name)
         else:

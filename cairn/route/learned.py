@@ -1,6 +1,7 @@
 """The learned router's classifier: P(the small model's answer is good enough | the prompt), read from the small
-model's own hidden states (LLM.prompt_features: the mean and the last of its final normalised hidden states over
-the prompt), so routing needs no embedding model and costs one prompt forward of the small model.
+model's own hidden states (LLM.prompt_features: the mean and the last of its hidden states over the prompt after
+the first half of its blocks), so routing needs no embedding model and costs a prompt forward through half of the
+small model.
 
 A logistic regression on standardised features, fitted by L-BFGS; its L2 strength is chosen by k-fold
 cross-validated log loss, then it is refitted on every item. Saved as safetensors beside router.yaml."""
@@ -16,6 +17,12 @@ import torch
 from cairn.errors import UserError
 
 L2_GRID = (1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
+FEATURE_DEPTH = 0.5
+"""The share of the small model's blocks whose output the classifier reads (their cost is the router's)."""
+
+
+def feature_layers(num_layers: int) -> int:
+    return max(1, round(num_layers * FEATURE_DEPTH))
 
 
 @dataclass
@@ -28,6 +35,8 @@ class Classifier:
     """(D,) feature means of the training items."""
     std: torch.Tensor
     """(D,) feature standard deviations (at least 1e-6)."""
+    layers: int | None = None
+    """Features are the hidden states after this many of the small model's blocks (None: all, normalised)."""
 
     def logit(self, features: torch.Tensor) -> torch.Tensor:
         """(N,) logits for (N, D) features (or () for (D,))."""
@@ -42,6 +51,8 @@ class Classifier:
         from cairn.fsutil import atomic_write
 
         tensors = {"weight": self.weight, "bias": self.bias.reshape(1), "mean": self.mean, "std": self.std}
+        if self.layers is not None:
+            metadata = {**metadata, "feature_layers": str(self.layers)}
         atomic_write(path, lambda tmp: save_file({k: v.contiguous().float() for k, v in tensors.items()}, str(tmp),
                                                 metadata))
 
@@ -57,7 +68,10 @@ class Classifier:
             raise UserError(f"{path}: not a readable classifier ({e})", param="router") from None
         if set(t) != {"weight", "bias", "mean", "std"} or not (t["weight"].shape == t["mean"].shape == t["std"].shape):
             raise UserError(f"{path}: not a classifier written by `cairn router train`", param="router")
-        return cls(t["weight"], t["bias"][0], t["mean"], t["std"]), meta
+        layers = meta.get("feature_layers")
+        if layers is not None and not layers.isdigit():
+            raise UserError(f"{path}: feature_layers {layers!r} is not a block count", param="router")
+        return cls(t["weight"], t["bias"][0], t["mean"], t["std"], None if layers is None else int(layers)), meta
 
 
 def _fit(x: torch.Tensor, y: torch.Tensor, l2: float, steps: int = 100) -> Classifier:

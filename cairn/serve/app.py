@@ -28,12 +28,12 @@ from cairn.config import SamplingParams
 from cairn.engine.api import LLM, RequestHandle
 from cairn.engine.engine import QueueFullError
 from cairn.errors import UserError
+from cairn.route.config import RouterSpec
 from cairn.serve import responses as out
+from cairn.serve import routed
 from cairn.serve.errors import APIError, from_submit
 from cairn.serve.metrics import Metrics
 from cairn.serve.observe import Observe, request_info
-from cairn.route.config import RouterSpec
-from cairn.serve import routed
 from cairn.serve.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -163,7 +163,7 @@ def create_app(models: dict[str, LLM] | None = None, *, loader: Callable[[], dic
 
         def prepare(llm):
             ids = [llm.encode_prompt(x) for x in prompts]
-            return ids, "\n".join(x if isinstance(x, str) else llm.tokenizer.decode(x) for x in prompts)
+            return ids, "\n".join(x for x in prompts if isinstance(x, str))  # rules read text prompts only
 
         name, llm, handles = await answer(body.model, prepare, params, group, body.seed, info)
         try:

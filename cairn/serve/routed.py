@@ -37,9 +37,9 @@ class Route:
     classifier: Classifier | None = None
 
 
-def check_specs(specs: list[rc.RouterSpec], served: list[str], hidden_size: Callable[[str], int] | None = None) -> None:
+def check_specs(specs: list[rc.RouterSpec], served: list[str], config_of: Callable | None = None) -> None:
     """Every router routes between served models and answers to names that follow the naming rule; a learned
-    router's classifier reads as many features as its small model gives (hidden_size(name) when known)."""
+    router's classifier reads as many features as its small model gives (config_of(name): its ModelConfig)."""
     virtual: dict[str, str] = {}
     for spec in specs:
         missing = [m for m in spec.models if m not in served]
@@ -51,19 +51,21 @@ def check_specs(specs: list[rc.RouterSpec], served: list[str], hidden_size: Call
             if name in virtual:
                 raise UserError(f"two routers answer to {name!r}; give one another `name:`", param="router")
             virtual[name] = f"router {spec.path}"
-        if spec.type == "learned" and hidden_size is not None:
+        if spec.type == "learned" and config_of is not None:
             clf, _ = Classifier.load(f"{spec.path}/{rc.CLASSIFIER_FILE}")
-            want = 2 * hidden_size(spec.models[0])
-            if clf.weight.shape[0] != want:
+            cfg = config_of(spec.models[0])
+            want = 2 * cfg.hidden_size
+            if clf.weight.shape[0] != want or (clf.layers or 0) > cfg.num_layers:
                 raise UserError(f"router {spec.path} was trained on a small model with {clf.weight.shape[0] // 2}-wide "
-                                f"hidden states, but {spec.models[0]} has {want // 2}: a router file for other "
-                                "models; retrain it with `cairn router train`", param="router")
+                                f"hidden states (read after {clf.layers or 'all'} blocks), but {spec.models[0]} has "
+                                f"{want // 2}-wide ones and {cfg.num_layers} blocks: a router file for other models; "
+                                "retrain it with `cairn router train`", param="router")
     names.check(served, virtual)
 
 
 def build(specs: list[rc.RouterSpec], models: dict[str, LLM]) -> dict[str, Route]:
     """name -> Route for every name the routers answer to, checked against the loaded models."""
-    check_specs(specs, list(models), lambda n: models[n].model_config.hidden_size)
+    check_specs(specs, list(models), lambda n: models[n].model_config)
     routes = {}
     for spec in specs:
         clf = Classifier.load(f"{spec.path}/{rc.CLASSIFIER_FILE}")[0] if spec.type == "learned" else None
@@ -133,8 +135,8 @@ async def dispatch(route: Route, requested: str, models: dict[str, LLM],
         else:
             small = models[spec.models[0]]
             ids, _ = await asyncio.to_thread(prepare, small)
-            p = await asyncio.to_thread(lambda: min(float(route.classifier.prob(small.prompt_features(x)))
-                                                    for x in ids))
+            clf = route.classifier
+            p = await asyncio.to_thread(lambda: min(float(clf.prob(small.prompt_features(x, clf.layers))) for x in ids))
             name = rc.choose_learned(spec, p)
         info.route_seconds = time.perf_counter() - t0
         llm = models[name]
