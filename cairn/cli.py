@@ -646,10 +646,45 @@ def merge(recipe: str, out: str, seed: int | None = None, shard_mib: int = 1024)
     scalars, layer gradients or name filters) into a Hugging Face checkpoint at --out, tensor by tensor (memory: one
     shard of --shard-mib plus a few input tensors). Keys or methods cairn does not know are refused by name. --seed
     fixes the random drops of dare_*; an interrupted merge rerun with the same recipe and --out keeps the shards
-    already written."""
+    already written. A `model:` may be a .gguf file (imported once, dequantized) or BASE+ADAPTER (mergekit's LoRA
+    syntax: a PEFT LoRA adapter folded into BASE once, cached under $CAIRN_CACHE/lora/)."""
     from cairn.merge.commands import merge_recipe
 
-    return merge_recipe(recipe, out, seed, shard_mib, progress=sys.stderr.isatty())
+    return merge_recipe(recipe, out, seed, shard_mib, progress=sys.stderr.isatty(), resolve=_merge_input)
+
+
+def _merge_input(ref: str) -> str:
+    """A merge input as a checkpoint directory: a directory as is, a .gguf imported (dequantized), BASE+ADAPTER
+    (a LoRA adapter directory) folded into its base once and cached by the content of both."""
+    import hashlib
+
+    if Path(ref).is_dir() or ("+" not in ref and not ref.endswith(".gguf")):
+        return ref
+    if "+" not in ref:
+        return _model(ref)
+    base, adapter = ref.rsplit("+", 1)
+    if not (Path(adapter) / "adapter_config.json").is_file():
+        raise UserError(f"{ref}: {adapter} is not a LoRA adapter directory (adapter_config.json)", param="model")
+    base_dir = _model(base)
+    digest = hashlib.sha256(str(Path(base_dir).resolve()).encode())
+    for f in sorted(Path(adapter).glob("adapter_*")):
+        digest.update(f.name.encode() + f.read_bytes())
+    out = (_cache_root() or Path.home() / ".cache" / "cairn") / "lora" / digest.hexdigest()[:16]
+    if not (out / "config.json").is_file():  # folded into a scratch directory, renamed when whole
+        import shutil
+        import tempfile
+
+        from cairn.train.lora import merge_to_checkpoint
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=".partial-", dir=out.parent))
+        try:
+            merge_to_checkpoint(base_dir, adapter, scratch / "m")
+            shutil.rmtree(out, ignore_errors=True)
+            (scratch / "m").rename(out)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return str(out)
 
 
 def _pool(module: str = "cairn.pool.control"):

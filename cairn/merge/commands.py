@@ -5,13 +5,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from cairn.errors import UserError
+from cairn.merge.recipe import load_recipe, with_inputs
 from cairn.merge.run import merge
 
 if TYPE_CHECKING:
     from cairn.merge.search import EvalScore, SearchResult
 
 
-def merge_recipe(recipe: str, out: str, seed: int | None = None, shard_mib: int = 1024, progress: bool = True) -> int:
+def merge_recipe(recipe: str, out: str, seed: int | None = None, shard_mib: int = 1024, progress: bool = True,
+                 resolve=None) -> int:
     """Merge models as a mergekit YAML recipe says (merge_method linear, slerp, task_arithmetic, ties, dare_linear,
     dare_ties, breadcrumbs, breadcrumbs_ties, model_stock or passthrough; `models:` or `slices:`; parameters as
     scalars, layer gradients or name filters) into a Hugging Face checkpoint at --out, tensor by tensor (memory: one
@@ -19,7 +21,10 @@ def merge_recipe(recipe: str, out: str, seed: int | None = None, shard_mib: int 
     rerun with the same recipe and --out keeps the shards already written."""
     if shard_mib <= 0:
         raise UserError(f"--shard-mib must be positive, got {shard_mib}", param="shard_mib")
-    r = merge(recipe, out, seed=seed, progress=progress, shard_bytes=shard_mib << 20)
+    parsed = load_recipe(recipe)
+    if resolve is not None:  # GGUF files and LoRA adapters as inputs
+        parsed = with_inputs(parsed, resolve)
+    r = merge(parsed, out, seed=seed, progress=progress, shard_bytes=shard_mib << 20)
     resumed = f", {r.resumed_shards} kept from an earlier run" if r.resumed_shards else ""
     seeded = f", seed {r.seed}" if r.seed is not None else ""
     print(f"merged ({r.method}{seeded}) {r.tensors} tensors, {r.layers} layers in {r.shards} shard(s){resumed} in "

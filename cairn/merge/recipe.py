@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -205,6 +205,23 @@ UNSUPPORTED = {
     "chat_template": "copy or edit chat_template.jinja / tokenizer_config.json in the output instead",
     "residual_weight": "mergekit does not use it either; remove it",
 }
+
+
+def with_inputs(recipe: Recipe, resolve: Callable[[str], str]) -> Recipe:
+    """The recipe reading every model from resolve(reference) instead (e.g. a .gguf imported into a directory, a
+    `base+adapter` folded into one); its text, recorded in the output, stays as written."""
+    def src(s: Source) -> Source:
+        return replace(s, model=resolve(s.model))
+
+    def opt(m: str | None) -> str | None:
+        return None if m is None else resolve(m)
+
+    tok = recipe.tokenizer_source
+    return replace(recipe, models=tuple(src(s) for s in recipe.models),
+                   slices=tuple(replace(sl, sources=tuple(src(s) for s in sl.sources), base_model=opt(sl.base_model))
+                                for sl in recipe.slices),
+                   base_model=opt(recipe.base_model),
+                   tokenizer_source=tok if tok in (None, "base", "union") else resolve(tok))
 
 
 def load_recipe(path: str | Path) -> Recipe:
