@@ -18,8 +18,9 @@ routers, the even half is held out and never seen by them.
         [--out docs/bench/route]
 
 --student defaults to the distillation benchmark's arm (benchmarks/distill.py --arms distill --alpha 0.0: 15 of 30
-layers, trained on the teacher's distributions); both models run in fp32 (the student was trained from the fp32
-teacher). Each phase runs in a fresh process (benchmarks/decode.isolated).
+layers, trained on the teacher's distributions); `--cut N` makes the small model instead from SmolLM2 by keeping
+its N most influential layers (block influence on examples/eval/heldout.txt; no training). Both models run in fp32
+(the student was trained from the fp32 teacher). Each phase runs in a fresh process (benchmarks/decode.isolated).
 """
 
 from __future__ import annotations
@@ -59,6 +60,16 @@ def large_model(work: Path) -> str:
     from cairn.models.gguf import resolve_model, smollm2_path
 
     return str(resolve_model(smollm2_path(), work / "cache"))
+
+
+def cut_model(large: str, out: Path, layers: int) -> str:
+    """SmolLM2's `layers` most influential layers (measured on heldout.txt's paragraphs), untrained."""
+    from cairn.models.student import make_student
+
+    if not (out / "config.json").is_file():
+        texts = [p for p in (ROOT / "examples" / "eval" / "heldout.txt").read_text().split("\n\n") if p.strip()]
+        make_student(large, out, layers, "importance", texts)
+    return str(out)
 
 
 def train_phase(small: str, large: str, train: str, routers: Path, threads: int, max_tokens: int) -> dict:
@@ -103,20 +114,24 @@ def eval_phase(small: str, large: str, held: str, routers: list[str], threads: i
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--student", default=str(DISTILL_WORK / "arm-distill_a=0.0_T=1.0"))
+    ap.add_argument("--cut", type=int, default=None, metavar="N", help="small model: SmolLM2's N most influential "
+                    "layers, untrained (instead of --student)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=24)
     ap.add_argument("--cost-items", type=int, default=16)
     ap.add_argument("--work", default=str(Path.home() / ".cache" / "cairn" / "bench-route"))
     ap.add_argument("--out", default=str(ROOT / "docs" / "bench" / "route"))
     a = ap.parse_args()
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    large = isolated(large_model, work)
+    if a.cut:
+        a.student = isolated(cut_model, large, work / f"cut-{a.cut}", a.cut)
     if not (Path(a.student) / "config.json").is_file():
         sys.exit(f"no student at {a.student}: run `python benchmarks/distill.py --arms distill --alpha 0.0` first "
                  "(or give --student DIR)")
-    work = Path(a.work)
-    work.mkdir(parents=True, exist_ok=True)
     train, held = split(work)
-    large = isolated(large_model, work)
-    routers = work / "routers"
+    routers = work / f"routers-{Path(a.student).name}"
     n_train, n_held = (len(f.read_text().splitlines()) for f in (train, held))
     log(f"train routers on {n_train} items (held out: {n_held})")
     trained = isolated(train_phase, a.student, large, str(train), routers, a.threads, a.max_tokens)
