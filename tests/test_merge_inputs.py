@@ -60,3 +60,33 @@ def test_bad_lora_reference_exits_2(tiny_model, tmp_path, capsys):
                                      f"    parameters: {{weight: 1.0}}\n")
     assert main(["merge", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "o")]) == 2
     assert "is not a LoRA adapter directory" in capsys.readouterr().err
+
+
+def test_values_read_by_position_equal_safetensors_and_truncation_is_caught(tiny_model, tmp_path):
+    """The merge reads each tensor's bytes by position (not through the memory map): the same values as safetensors'
+    own reader, in every dtype, and a file cut short is an error naming the tensor."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from cairn.errors import CairnError
+    from cairn.merge.inputs import Reader, open_checkpoint
+
+    d = tmp_path / "m"
+    shutil.copytree(tiny_model, d)
+    ref = tensors(d)
+    mixed = {k: (v.to(torch.bfloat16) if i % 3 == 0 else v.half() if i % 3 == 1 else v)
+             for i, (k, v) in enumerate(sorted(ref.items()))}
+    for f in d.glob("*.safetensors"):
+        f.unlink()
+    save_file(mixed, str(d / "model.safetensors"))
+    ckpt = open_checkpoint(str(d))
+    with Reader() as r:
+        for k, v in mixed.items():
+            got = r.read(ckpt, k)
+            assert got.dtype == v.dtype and torch.equal(got, v), k
+    raw = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(raw[: len(raw) - 100])
+    with Reader() as r, pytest.raises(CairnError, match="truncated|corrupt"):  # the tensor at the end is cut
+        for k in mixed:
+            r.read(open_checkpoint(str(d)), k)

@@ -16,7 +16,7 @@ import torch
 
 from cairn.errors import UserError
 
-L2_GRID = (1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
+L2_GRID = (1e-3, 1e-2, 1e-1, 3e-1, 1.0, 3.0, 10.0, 30.0, 100.0)
 FEATURE_DEPTH = 0.5
 """The share of the small model's blocks whose output the classifier reads (their cost is the router's)."""
 
