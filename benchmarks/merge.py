@@ -54,15 +54,23 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+LAUNCH = ("import os, subprocess, sys, time\n"
+          "t0 = time.perf_counter()\n"
+          "p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL)\n"
+          "_, status, usage = os.wait4(p.pid, 0)\n"
+          "print(time.perf_counter() - t0, usage.ru_maxrss, os.waitstatus_to_exitcode(status))\n")
+"""Runs a command and reports its seconds, peak resident KiB and exit code. A child's ru_maxrss starts from its
+parent's resident size at fork (it survives exec), so commands are forked from this small fresh process, never
+from the benchmark's own (which holds the outputs it compares)."""
+
+
 def run(cmd: list[str]) -> tuple[float, float]:
     """Wall seconds and peak resident MiB of one command in its own process."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    secs = time.perf_counter() - t0
-    if os.waitstatus_to_exitcode(status) != 0:
-        sys.exit(f"{' '.join(cmd)} failed: {proc.stderr.read().decode()[-2000:]}")
-    return secs, usage.ru_maxrss / 1024  # Linux: KiB
+    r = subprocess.run([sys.executable, "-c", LAUNCH, *cmd], capture_output=True, text=True)
+    secs, kib, code = r.stdout.split()
+    if r.returncode != 0 or int(code) != 0:
+        sys.exit(f"{' '.join(cmd)} failed: {r.stderr[-2000:]}")
+    return float(secs), int(kib) / 1024  # Linux: KiB
 
 
 def fine_tunes(work: Path) -> tuple[str, str, str]:

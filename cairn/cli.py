@@ -653,6 +653,27 @@ def merge(recipe: str, out: str, seed: int | None = None, shard_mib: int = 1024)
     return merge_recipe(recipe, out, seed, shard_mib, progress=sys.stderr.isatty(), resolve=_merge_input)
 
 
+def merge_search(recipe: str, out: str, budget: int, choice: list[str] | None = None,
+                 generate_files: list[str] | None = None, perplexity: list[str] | None = None,
+                 population: int | None = None, seed: int = 0, bounds: list[str] | None = None,
+                 skip_layers: bool = False, threads: int | None = None, pool: str | None = None,
+                 token: str | None = None) -> int:
+    """`cairn merge search CONFIG.yaml`: search a mergekit recipe's numbers for the merge that scores best
+    (evolutionary model merging with CMA-ES): every weight, density, t, lambda, gamma and epsilon the recipe writes
+    (each entry of a layer gradient too) within bounds (weight 0:1, density 0.05:1, t 0:1, lambda 0:2, gamma and
+    epsilon 0:0.2; --bounds NAME=LOW:HIGH changes one); a passthrough recipe of `slices:` instead searches which
+    model each stacked layer comes from (--skip-layers: and which to drop). Each of --budget candidates is merged,
+    scored by the `cairn eval` tasks given (--choice acc, --generate exact match, --perplexity -ln perplexity; their
+    mean) and deleted. Writes OUT/best.yaml (for `cairn merge` and mergekit), OUT/best/, OUT/search.png and
+    OUT/search.jsonl; rerun to resume (or to continue with a larger --budget). --pool ADDRESS scores each
+    generation's candidates in parallel, one per pool device, each worker merging by itself (models and eval files
+    at the same paths on every machine)."""
+    from cairn.merge.commands import search_recipe
+
+    return search_recipe(recipe, out, budget, choice, generate_files, perplexity, population, seed, threads, pool,
+                         _pool_token(token) if pool else None, bounds, skip_layers, progress=sys.stderr.isatty())
+
+
 def _merge_input(ref: str) -> str:
     """A merge input as a checkpoint directory: a directory as is, a .gguf imported (dequantized), BASE+ADAPTER
     (a LoRA adapter directory) folded into its base once and cached by the content of both."""
@@ -1052,6 +1073,22 @@ COMMANDS: dict[str, tuple[Callable[..., int], list[Arg]]] = {
         arg("--seed", type=int, default=None, help="the random drops of dare_* (mergekit's --random-seed)"),
         arg("--shard-mib", type=int, default=1024, help="largest output shard"),
     ]),
+    "merge-search": (merge_search, [
+        arg("recipe", metavar="CONFIG.yaml", help="a mergekit recipe: its numbers are the starting point"),
+        arg("--out", required=True, metavar="DIR"),
+        arg("--budget", type=int, required=True, help="candidates to merge and score"),
+        arg("--choice", nargs="+", default=None, metavar="FILE.jsonl", help="multiple-choice tasks (acc)"),
+        arg("--generate", dest="generate_files", nargs="+", default=None, metavar="FILE.jsonl",
+            help="generation tasks (exact match)"),
+        arg("--perplexity", nargs="+", default=None, metavar="FILE", help="texts (-ln perplexity)"),
+        arg("--population", type=int, default=None, help="candidates per generation"),
+        arg("--seed", type=int, default=0),
+        arg("--bounds", nargs="+", default=None, metavar="NAME=LOW:HIGH", help="e.g. weight=-1:2"),
+        arg("--skip-layers", action="store_true", help="layer stacking: also search which layers to drop"),
+        arg("--threads", type=int, default=None),
+        arg("--pool", default=None, metavar="ADDRESS", help="score each generation on the pool's devices"),
+        arg("--token", default=None, help="the pool's token (default: $CAIRN_POOL_TOKEN)"),
+    ]),
     "import": (gguf_import, [
         arg("gguf_file", metavar="MODEL.gguf"),
         arg("out_dir", metavar="OUT_DIR"),
@@ -1138,6 +1175,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["merge", "search"]:  # `cairn merge search ...`: `merge` itself takes a recipe path
+        argv = ["merge-search", *argv[2:]]
     ns = vars(build_parser().parse_args(argv))
     fn = ns.pop("_fn")
     ns.pop("command")

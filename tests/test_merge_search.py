@@ -226,6 +226,24 @@ def test_best_yaml_valid_and_reproduces_best_model(linear_search, tmp_path):
     assert evaluate(result.best_dir) == result.best_score  # best/ is the best candidate's model
 
 
+def test_gradient_and_conditional_recipe_written_valid(zoo, tmp_path):
+    from mergekit.config import MergeConfiguration
+
+    result = search(parse_recipe(_ties(zoo)), lambda d: -float(_tensor(d, PROBE).abs().mean()), budget=5,
+                    out_dir=tmp_path, population=4, seed=1)
+    text = result.best_yaml.read_text()
+    MergeConfiguration.model_validate(yaml.safe_load(text))
+    recipe = parse_recipe(text)
+    weight = recipe.models[2].parameters["weight"].entries
+    assert [(e.filter, e.value) for e in weight] == [
+        ("mlp", result.best_params["models[2].parameters.weight[0].value"]),
+        (None, result.best_params["models[2].parameters.weight[1].value"])]
+    merge(recipe, tmp_path / "again")
+    best, again = _tensors(result.best_dir), _tensors(tmp_path / "again")
+    assert all(torch.equal(best[k], again[k]) for k in best)
+    assert result.generations == 1 and result.evaluations == 5
+
+
 def test_progress_png_written(linear_search):
     png = linear_search[0].plot
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000

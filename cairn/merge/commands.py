@@ -101,7 +101,7 @@ def _search_on_pool(recipe: str, score: EvalScore, budget: int, out: str, popula
         raise UserError("--pool needs the pool extra (Ray), which is not installed here: pip install 'cairn[pool]'")
     from cairn.pool import control
 
-    control.connect(pool, token or os.environ.get("CAIRN_POOL_TOKEN"))  # before anything imports ray
+    control.connect(pool, token)  # before anything imports ray (the CLI passes $CAIRN_POOL_TOKEN as token)
     from cairn.pool.tasks import DeviceMap
 
     scratch = os.path.join(tempfile.gettempdir(), f"cairn-merge-search-{os.getpid()}")

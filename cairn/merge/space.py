@@ -103,7 +103,7 @@ class SearchSpace:
         out: dict[str, Any] = {}
         for d, g in zip(self.dims, _clip(genes, len(self.dims))):
             if d.kind == "value":
-                out[d.name] = round(d.low + g * (d.high - d.low), DECIMALS)
+                out[d.name] = round(float(d.low + g * (d.high - d.low)), DECIMALS)
             elif d.kind == "source":
                 out[d.name] = d.choices[min(len(d.choices) - 1, int(g * len(d.choices)))]
             else:

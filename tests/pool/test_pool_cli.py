@@ -46,6 +46,9 @@ def pool(tmp_path_factory):
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
+CHOICE = Path(__file__).resolve().parents[2] / "examples" / "eval" / "choice.jsonl"
+
+
 def test_join_needs_the_right_token(pool):
     cairn, address, token, _ = pool
     r = cairn("pool", "join", address, "--memory", "15MB", "--num-cpus", 1)
@@ -104,7 +107,7 @@ def test_serve_across_the_pool_then_lose_and_regain_capacity(pool, model_factory
         cairn("pool", "leave")
 
 
-def test_train_and_synth_on_the_pool(pool, tiny_model, tmp_path):
+def test_train_synth_and_merge_search_on_the_pool(pool, tiny_model, model_factory, tmp_path):
     cairn, address, token, _ = pool
     for _ in range(2):
         assert cairn("pool", "join", address, "--token", token, "--memory", "200MB", "--num-cpus", 1).returncode == 0
@@ -142,6 +145,23 @@ def test_train_and_synth_on_the_pool(pool, tiny_model, tmp_path):
         r = cairn(*args, "--out", tmp_path / "x.jsonl", "--pool", address, "--replicas", 3,
                   extra_env={"CAIRN_POOL_TOKEN": token})
         assert r.returncode == 2 and "has 2 device(s)" in r.stderr
+        # `cairn merge search --pool`: one generation's candidates merged and scored on the two devices, the same
+        # candidates and scores as a local search with the same seed
+        recipe = tmp_path / "merge.yaml"
+        recipe.write_text(f"merge_method: linear\nmodels:\n  - model: {tiny_model}\n    parameters: {{weight: 0.5}}\n"
+                          f"  - model: {model_factory('llama-untied')}\n    parameters: {{weight: 0.5}}\n")
+        search = ["merge", "search", recipe, "--budget", 4, "--population", 4, "--choice", CHOICE, "--threads", 1]
+        r = cairn(*search, "--out", tmp_path / "s-local")
+        assert r.returncode == 0, r.stderr
+        r = cairn(*search, "--out", tmp_path / "s-pool", "--pool", address, extra_env={"CAIRN_POOL_TOKEN": token})
+        assert r.returncode == 0, r.stderr
+
+        def scored(d):
+            rows = [json.loads(x)["candidate"] for x in (tmp_path / d / "search.jsonl").read_text().splitlines()[1:]]
+            return [(x["genes"], x["score"]) for x in rows]
+
+        assert len(scored("s-local")) == 4 and scored("s-local") == scored("s-pool")
+        assert (tmp_path / "s-pool" / "best" / "config.json").is_file()
     finally:
         cairn("pool", "leave")
 
