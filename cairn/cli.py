@@ -6,6 +6,7 @@ and nowhere deeper."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
@@ -540,26 +541,21 @@ def serve(model_dirs: list[str], host: str = "127.0.0.1", port: int = 8000, api_
     return 0
 
 
-def _router_models(models: list[str], names: list[str] | None, threads: int | None, device: str,
-                   dtype: str | None, max_concurrency: int):
-    """The small and the large model (loaded), and the names a router calls them by (default: their names)."""
+@contextlib.contextmanager
+def _router_llms(models: list[str], names: list[str] | None, judge: str | None, threads: int | None, device: str,
+                 dtype: str | None, max_concurrency: int):
+    """The small and the large model (and the judge, or None) loaded, the names a router calls the two by (default:
+    their directory names); all closed afterwards."""
     if len(models) != 2:
         raise UserError(f"--models takes two models, SMALL then LARGE; got {len(models)}", param="models")
     names = names or [Path(m).resolve().stem if Path(m).is_file() else Path(m).resolve().name for m in models]
     if len(names) != 2 or names[0] == names[1]:
         raise UserError(f"--names takes two different names, one per model; got {names}", param="names")
     config = _engine_config(device, dtype, threads, max_seqs=max_concurrency)
-    small = _load_llm(models[0], config)
-    try:
-        large = _load_llm(models[1], config)
-    except BaseException:
-        small.close()
-        raise
-    return small, large, (names[0], names[1])
-
-
-def _router_judge(judge: str | None, threads, device, dtype, max_concurrency):
-    return None if judge is None else _load_llm(judge, _engine_config(device, dtype, threads, max_seqs=max_concurrency))
+    with contextlib.ExitStack() as stack:
+        small, large = (stack.enter_context(_load_llm(m, config)) for m in models)
+        judge_llm = None if judge is None else stack.enter_context(_load_llm(judge, config))
+        yield small, large, (names[0], names[1]), judge_llm
 
 
 def router_train(data: str, models: list[str], out: str, names: list[str] | None = None, judge: str | None = None,
@@ -575,15 +571,8 @@ def router_train(data: str, models: list[str], out: str, names: list[str] | None
     from cairn.route import commands as rcmd
 
     items = rcmd.read_items(data)
-    small, large, pair = _router_models(models, names, threads, device, dtype, max_concurrency)
-    judge_llm = _router_judge(judge, threads, device, dtype, max_concurrency)
-    try:
-        report = rcmd.train(small, large, items, pair, out, judge_llm, metric, max_tokens, share,
-                            show=sys.stderr.isatty())
-    finally:
-        for llm in (small, large, judge_llm):
-            if llm is not None:
-                llm.close()
+    with _router_llms(models, names, judge, threads, device, dtype, max_concurrency) as (small, large, pair, jd):
+        report = rcmd.train(small, large, items, pair, out, jd, metric, max_tokens, share, show=sys.stderr.isatty())
     print(f"router written to {out}: threshold {report['threshold']:.3f}; {report['items']} items, small good enough "
           f"on {report['small_good']}; cross-validated AUC {report['cv_auc']:.3f} (L2 {report['l2']})")
     return 0
@@ -622,15 +611,9 @@ def router_eval(routers: list[str], data: str, models: list[str], names: list[st
 
     specs = [rc.load(r) for r in routers]
     items = rcmd.read_items(data)
-    small, large, pair = _router_models(models, names, threads, device, dtype, max_concurrency)
-    judge_llm = _router_judge(judge, threads, device, dtype, max_concurrency)
-    try:
-        result = rcmd.evaluate(specs, small, large, items, pair, judge_llm, metric, max_tokens, cost_items,
+    with _router_llms(models, names, judge, threads, device, dtype, max_concurrency) as (small, large, pair, jd):
+        result = rcmd.evaluate(specs, small, large, items, pair, jd, metric, max_tokens, cost_items,
                                show=sys.stderr.isatty())
-    finally:
-        for llm in (small, large, judge_llm):
-            if llm is not None:
-                llm.close()
     out = out or "router-eval.json"
     png = png or str(Path(out).with_suffix(".png"))
     atomic_write_json(out, result)

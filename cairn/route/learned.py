@@ -4,7 +4,7 @@ the first half of its blocks), so routing needs no embedding model and costs a p
 small model.
 
 A logistic regression on standardised features, fitted by L-BFGS; its L2 strength is chosen by k-fold
-cross-validated log loss, then it is refitted on every item. Saved as safetensors beside router.yaml."""
+cross-validated AUC, then it is refitted on every item. Saved as safetensors beside router.yaml."""
 
 from __future__ import annotations
 
@@ -111,8 +111,9 @@ def auc(scores: list[float], labels: list[int]) -> float:
 
 def train(features: torch.Tensor, labels: list[int], folds: int = 5, seed: int = 0,
           grid: tuple[float, ...] = L2_GRID) -> tuple[Classifier, dict]:
-    """The classifier with the L2 strength of least cross-validated log loss, refitted on all items, and a report
-    (the chosen strength, each strength's cross-validated log loss, the out-of-fold AUC)."""
+    """The classifier with the L2 strength whose out-of-fold predictions rank best (cross-validated AUC: a
+    router's curve depends only on how it ranks prompts; ties go to the lower log loss), refitted on all items,
+    and a report (the chosen strength, each strength's cross-validated AUC and log loss)."""
     y = torch.tensor(labels, dtype=torch.float64)
     n = len(labels)
     if n < 2 * folds or len(set(labels)) < 2:
@@ -122,14 +123,14 @@ def train(features: torch.Tensor, labels: list[int], folds: int = 5, seed: int =
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     fold_of = torch.empty(n, dtype=torch.long)
     fold_of[order] = torch.arange(n) % folds
-    losses, oof = {}, {}
+    losses, aucs = {}, {}
     for l2 in grid:
         p = torch.empty(n, dtype=torch.float64)
         for k in range(folds):
             held = fold_of == k
             p[held] = _fit(features[~held], y[~held], l2).prob(features[held]).double()
-        losses[l2], oof[l2] = log_loss(p, y), p
-    best = min(grid, key=lambda v: losses[v])
-    report = {"l2": best, "cv_log_loss": {str(k): v for k, v in losses.items()},
-              "cv_auc": auc(oof[best].tolist(), labels), "items": n, "small_good": int(sum(labels))}
+        losses[l2], aucs[l2] = log_loss(p, y), auc(p.tolist(), labels)
+    best = max(grid, key=lambda v: (aucs[v], -losses[v]))
+    report = {"l2": best, "cv_auc": aucs[best], "cv_auc_by_l2": {str(k): v for k, v in aucs.items()},
+              "cv_log_loss": {str(k): v for k, v in losses.items()}, "items": n, "small_good": int(sum(labels))}
     return _fit(features, y, best), report
