@@ -521,6 +521,9 @@ def serve(model_dirs: list[str], host: str = "127.0.0.1", port: int = 8000, api_
     model_dirs = [_model(d, quantized=True) for d in model_dirs]  # .gguf files: imported once into the cache
     configs = {n: ModelConfig.from_hf_dir(d) for n, d in zip(names, model_dirs)}  # fail before binding the port
     check_specs(specs, names, configs.__getitem__)
+    if pool is not None and any(spec.type == "learned" for spec in specs):
+        raise UserError("a learned router reads its small model's hidden states in this process, which --pool does "
+                        "not offer: serve without --pool, or route with a cascade or rules router", param="router")
     config = EngineConfig(device=device, dtype=dtype, threads=threads, max_seqs=max_concurrency,
                           max_queue=max_queue, max_context=max_context, kv_memory=_kv_bytes(kv_memory),
                           prefix_caching=prefix_cache, draft=_draft(draft), adapter=adapter)

@@ -308,6 +308,15 @@ def test_serve_refuses_bad_routers_with_exit_2(model_factory, tmp_path, capsys):
     rc.save(rc.parse({"router": "learned", "models": ["s", "l"]}, "x"), other)
     assert main(["serve", small, large, "--served-name", "s", "--served-name", "l", "--router", str(other)]) == 2
     assert "a router file for other models" in capsys.readouterr().err
+    fits = tmp_path / "fits"  # a learned router needs the small model in this process: refused with --pool
+    fits.mkdir()
+    width = 2 * json.loads((model_factory("llama") / "config.json").read_text())["hidden_size"]
+    Classifier(torch.zeros(width), torch.tensor(0.0), torch.zeros(width), torch.ones(width)).save(
+        fits / rc.CLASSIFIER_FILE, {})
+    rc.save(rc.parse({"router": "learned", "models": ["s", "l"]}, "x"), fits)
+    assert main(["serve", small, large, "--served-name", "s", "--served-name", "l", "--router", str(fits),
+                 "--pool", "127.0.0.1:9"]) == 2
+    assert "which --pool does not offer" in capsys.readouterr().err
     assert main(["router", "train", "--data", str(tmp_path / "none.jsonl"), "--models", small, large,
                  "--out", str(tmp_path / "r")]) == 2
 
