@@ -134,10 +134,13 @@ def train(config: str | None = None, pool: str | None = None, token: str | None 
     return 0
 
 
-def _cache_root() -> Path | None:
+def _cache_root() -> Path:
+    """$CAIRN_CACHE, or the default cache root (~/.cache/cairn)."""
     import os
 
-    return Path(os.environ["CAIRN_CACHE"]) if os.environ.get("CAIRN_CACHE") else None
+    from cairn.models.gguf import CACHE_ROOT
+
+    return Path(os.environ["CAIRN_CACHE"]) if os.environ.get("CAIRN_CACHE") else CACHE_ROOT
 
 
 def _model(path: str, quantized: bool = False) -> str:
@@ -507,7 +510,7 @@ def serve(model_dirs: list[str], host: str = "127.0.0.1", port: int = 8000, api_
     if max_body_bytes < 1:
         raise UserError(f"--max-body-bytes must be at least 1, got {max_body_bytes}")
     configure_logging(log_level, log_json)
-    names = served_name or [Path(d).resolve().stem if Path(d).is_file() else Path(d).resolve().name for d in model_dirs]
+    names = served_name or _default_names(model_dirs)
     if len(names) != len(model_dirs):
         raise UserError(f"--served-name given {len(names)} times for {len(model_dirs)} models; give one per model")
     if len(set(names)) != len(names):
@@ -544,6 +547,11 @@ def serve(model_dirs: list[str], host: str = "127.0.0.1", port: int = 8000, api_
     return 0
 
 
+def _default_names(paths: list[str]) -> list[str]:
+    """The names models are served under by default: a directory's name, a file's name without its suffix."""
+    return [Path(p).resolve().stem if Path(p).is_file() else Path(p).resolve().name for p in paths]
+
+
 @contextlib.contextmanager
 def _router_llms(models: list[str], names: list[str] | None, judge: str | None, threads: int | None, device: str,
                  dtype: str | None, max_concurrency: int):
@@ -551,7 +559,7 @@ def _router_llms(models: list[str], names: list[str] | None, judge: str | None, 
     their directory names); all closed afterwards."""
     if len(models) != 2:
         raise UserError(f"--models takes two models, SMALL then LARGE; got {len(models)}", param="models")
-    names = names or [Path(m).resolve().stem if Path(m).is_file() else Path(m).resolve().name for m in models]
+    names = names or _default_names(models)
     if len(names) != 2 or names[0] == names[1]:
         raise UserError(f"--names takes two different names, one per model; got {names}", param="names")
     config = _engine_config(device, dtype, threads, max_seqs=max_concurrency)
@@ -676,7 +684,7 @@ def _merge_input(ref: str) -> str:
     digest = hashlib.sha256(str(Path(base_dir).resolve()).encode())
     for f in sorted(Path(adapter).glob("adapter_*")):
         digest.update(f.name.encode() + f.read_bytes())
-    out = (_cache_root() or Path.home() / ".cache" / "cairn") / "lora" / digest.hexdigest()[:16]
+    out = _cache_root() / "lora" / digest.hexdigest()[:16]
     if not (out / "config.json").is_file():  # folded into a scratch directory, renamed when whole
         import shutil
         import tempfile

@@ -135,8 +135,8 @@ def test_routing_data_forms_and_their_scores(tmp_path):
     f = tmp_path / "d.jsonl"
     f.write_text("\n".join(json.dumps(x) for x in lines))
     items = rcmd.read_items(f)
-    small = rcmd.Answers(["", "", "", "It is Paris."], [], [], 0, 0.0)
-    large = rcmd.Answers(["", "", "", "Rome"], [], [], 0, 0.0)
+    small = rcmd.Answers(["", "", "", "It is Paris."], [], [])
+    large = rcmd.Answers(["", "", "", "Rome"], [], [])
     assert rcmd.qualities(items, ("s", "l"), small, large) == ([0.2, 1.0, 0.5, 1.0], [0.9, 0.0, 0.5, 0.0])
     with pytest.raises(UserError, match="winner 'x'"):
         rcmd.qualities([rcmd.RouteItem(prompt="a", winner="x")], ("s", "l"), None, None)

@@ -411,6 +411,10 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+CACHE_ROOT = Path.home() / ".cache" / "cairn"
+"""Where imported models (gguf/) and other derived checkpoints live unless $CAIRN_CACHE says otherwise."""
+
+
 def resolve_model(path: str | Path, cache_root: str | Path | None = None, progress: bool = False,
                   quantized: bool = False) -> Path:
     """A model directory for `path`: a directory as is; a .gguf file imported once (float32) into
@@ -426,7 +430,7 @@ def resolve_model(path: str | Path, cache_root: str | Path | None = None, progre
     with open(p, "rb") as f:
         if f.read(4) != b"GGUF" and p.suffix.lower() != ".gguf":
             raise ModelLoadError(f"{p} is a file, not a model directory or a .gguf file")
-    root = Path(cache_root) if cache_root is not None else Path.home() / ".cache" / "cairn"
+    root = Path(cache_root) if cache_root is not None else CACHE_ROOT
     target = root / "gguf" / (file_sha256(p)[:16] + ("-q" if quantized else ""))
     if target.is_dir() and (target / "config.json").is_file():
         return target

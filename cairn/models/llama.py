@@ -107,7 +107,7 @@ class LlamaStage(nn.Module):
     """Blocks [start, end) of a model, plus the embedding if start == 0 and norm + head if end == num_layers.
 
     forward takes token ids (first stage) or hidden states, returns hidden states or, on the last stage, logits
-    for the rows selected by `logits_rows` (all rows when None), or with head=False their normalised hidden states."""
+    for the rows selected by `logits_rows` (all rows when None)."""
 
     def __init__(self, cfg: ModelConfig, layers: LayerRange):
         super().__init__()
@@ -128,8 +128,7 @@ class LlamaStage(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight  # (a quantized stage shares its quantized weight instead)
 
     def forward(
-        self, x: torch.Tensor, ctx: AttentionContext, logits_rows: torch.Tensor | slice | None = None,
-        head: bool = True,
+        self, x: torch.Tensor, ctx: AttentionContext, logits_rows: torch.Tensor | slice | None = None
     ) -> torch.Tensor:
         if self.is_first:
             virtual = getattr(self, "virtual", None)  # a prompt- or prefix-tuning adapter (models/virtual.py)
@@ -140,8 +139,6 @@ class LlamaStage(nn.Module):
             return x
         if logits_rows is not None:
             x = x[logits_rows]
-        if not head:  # the final normalised hidden states (what a router's classifier reads)
-            return self.norm(x)  # (..., H)
         return self.lm_head(self.norm(x)).float()  # (..., V)
 
 

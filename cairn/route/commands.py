@@ -29,7 +29,7 @@ from cairn.config import SamplingParams
 from cairn.errors import UserError
 from cairn.route import config as rc
 from cairn.route import curve as cv
-from cairn.route.learned import Classifier, auc, feature_layers
+from cairn.route.learned import Classifier, auc, feature_layers, load_for
 from cairn.route.learned import train as fit_classifier
 from cairn.route.signals import confidence
 
@@ -68,8 +68,6 @@ class Answers:
     texts: list[str]
     logprobs: list[list[float]]
     tops: list[list[list[float]]]
-    tokens: int
-    seconds: float
 
 
 def answer(llm, items: list[RouteItem], max_tokens: int, top_logprobs: int = 5, show: bool = False,
@@ -78,12 +76,10 @@ def answer(llm, items: list[RouteItem], max_tokens: int, top_logprobs: int = 5, 
     from tqdm import tqdm
 
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=top_logprobs)
-    t0 = time.perf_counter()
     handles = [llm.submit(llm.render_chat(it.chat()), params) for it in items]
     done = [h.result() for h in tqdm(handles, desc=f"answers {label}", disable=not show, file=sys.stderr)]
     return Answers([c.text for c in done], [[lp.logprob for lp in c.logprobs] for c in done],
-                   [[[v for _, v in lp.top] for lp in c.logprobs] for c in done],
-                   sum(len(c.token_ids) for c in done), time.perf_counter() - t0)
+                   [[[v for _, v in lp.top] for lp in c.logprobs] for c in done])
 
 
 def samples(llm, items: list[RouteItem], n: int, temperature: float, max_tokens: int, seed: int = 0) -> list[list[str]]:
@@ -179,17 +175,8 @@ def _identity(llm) -> dict:
 
 
 def load_classifier(spec: rc.RouterSpec, small) -> Classifier:
-    """A learned router's classifier, checked against the small model that will feed it."""
-    clf, meta = Classifier.load(Path(spec.path) / rc.CLASSIFIER_FILE)
-    want = 2 * small.model_config.hidden_size
-    if clf.layers is not None and clf.layers > small.model_config.num_layers:
-        raise UserError(f"{spec.path}: this router reads block {clf.layers} of a small model with "
-                        f"{small.model_config.num_layers}: it was trained for another model", param="router")
-    if clf.weight.shape[0] != want:
-        raise UserError(f"{spec.path}: this router's classifier reads {clf.weight.shape[0]} features, but "
-                        f"{spec.models[0]} gives {want} (hidden size {small.model_config.hidden_size}): it was trained "
-                        "for another small model; retrain it with `cairn router train`", param="router")
-    return clf
+    """A learned router's classifier, checked against the small model (a loaded LLM) that will feed it."""
+    return load_for(spec.path, spec.models[0], small.model_config)
 
 
 # ----- scores, calibrate

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from cairn.errors import UserError
+from cairn.route.config import CLASSIFIER_FILE
 
 L2_GRID = (1e-3, 1e-2, 1e-1, 3e-1, 1.0, 3.0, 10.0, 30.0, 100.0)
 FEATURE_DEPTH = 0.5
@@ -72,6 +73,19 @@ class Classifier:
         if layers is not None and not layers.isdigit():
             raise UserError(f"{path}: feature_layers {layers!r} is not a block count", param="router")
         return cls(t["weight"], t["bias"][0], t["mean"], t["std"], None if layers is None else int(layers)), meta
+
+
+def load_for(router_dir: str | Path, small_name: str, cfg) -> Classifier:
+    """A learned router's classifier (router_dir/classifier.safetensors), checked against the ModelConfig `cfg` of
+    the small model `small_name` that will feed it: as wide as its hidden states, no deeper than its blocks."""
+    clf, _ = Classifier.load(Path(router_dir) / CLASSIFIER_FILE)
+    want = 2 * cfg.hidden_size
+    if clf.weight.shape[0] != want or (clf.layers or 0) > cfg.num_layers:
+        raise UserError(f"router {router_dir} was trained on a small model with {clf.weight.shape[0] // 2}-wide "
+                        f"hidden states (read after {clf.layers or 'all'} blocks), but {small_name} has "
+                        f"{want // 2}-wide ones and {cfg.num_layers} blocks: a router file for other models; "
+                        "retrain it with `cairn router train`", param="router")
+    return clf
 
 
 def _fit(x: torch.Tensor, y: torch.Tensor, l2: float, steps: int = 100) -> Classifier:

@@ -92,19 +92,19 @@ def create_app(models: dict[str, LLM] | None = None, *, loader: Callable[[], dic
         return state["models"][name]
 
     async def answer(requested: str, prepare, params: SamplingParams, n: int, seed: int | None,
-                     info) -> tuple[str, LLM, list]:
-        """Which model answers (the requested one, or the one its router picks) and the request's handles.
-        prepare(llm) gives the prompts' token ids for that model and the prompt's text."""
+                     info) -> tuple[str, LLM, list[list[int]], list]:
+        """Which model answers (the requested one, or the one its router picks), the prompts' token ids for it and
+        the request's handles. prepare(llm) gives the prompts' token ids for that model and the prompt's text."""
         target = model(requested)
         if isinstance(target, routed.Route):
-            name, llm, handles = await routed.dispatch(target, requested, state["models"], prepare, params, n, seed,
-                                                       _submit, info)
+            name, llm, ids, handles = await routed.dispatch(target, requested, state["models"], prepare, params, n,
+                                                            seed, _submit, info)
         else:
             name, llm = requested, target
             ids, _ = await asyncio.to_thread(prepare, llm)
             handles = _submit(llm, ids, params, n, seed)
         info.model = info.answered_by = name
-        return name, llm, handles
+        return name, llm, ids, handles
 
     @app.get("/health")
     async def health():
@@ -141,7 +141,7 @@ def create_app(models: dict[str, LLM] | None = None, *, loader: Callable[[], dic
         def prepare(llm):
             return [llm.render_chat(messages)], "\n".join(m["content"] for m in messages)
 
-        name, llm, handles = await answer(body.model, prepare, params, body.n, body.seed, info)
+        name, llm, _, handles = await answer(body.model, prepare, params, body.n, body.seed, info)
         base = {"id": f"chatcmpl-{info.id}", "created": int(time.time()), "model": name}
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -165,9 +165,8 @@ def create_app(models: dict[str, LLM] | None = None, *, loader: Callable[[], dic
             ids = [llm.encode_prompt(x) for x in prompts]
             return ids, "\n".join(x for x in prompts if isinstance(x, str))  # rules read text prompts only
 
-        name, llm, handles = await answer(body.model, prepare, params, group, body.seed, info)
+        name, llm, ids, handles = await answer(body.model, prepare, params, group, body.seed, info)
         try:
-            ids = await asyncio.to_thread(lambda: [llm.encode_prompt(x) for x in prompts])
             echoes = await _echoes(llm, prompts, ids, body)
         except BaseException:
             for h in handles:

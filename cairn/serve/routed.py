@@ -22,7 +22,7 @@ from cairn.engine.api import LLM, RequestHandle
 from cairn.engine.engine import Event
 from cairn.errors import UserError
 from cairn.route import config as rc
-from cairn.route.learned import Classifier
+from cairn.route.learned import Classifier, load_for
 from cairn.route.signals import confidence
 from cairn.serve import names
 from cairn.serve.errors import from_generation
@@ -37,10 +37,13 @@ class Route:
     classifier: Classifier | None = None
 
 
-def check_specs(specs: list[rc.RouterSpec], served: list[str], config_of: Callable | None = None) -> None:
+def check_specs(specs: list[rc.RouterSpec], served: list[str],
+                config_of: Callable | None = None) -> dict[str, Classifier]:
     """Every router routes between served models and answers to names that follow the naming rule; a learned
-    router's classifier reads as many features as its small model gives (config_of(name): its ModelConfig)."""
+    router's classifier fits its small model (config_of(name): its ModelConfig). Returns the learned routers'
+    classifiers by router path (when config_of is given)."""
     virtual: dict[str, str] = {}
+    classifiers = {}
     for spec in specs:
         missing = [m for m in spec.models if m not in served]
         if missing:
@@ -52,26 +55,15 @@ def check_specs(specs: list[rc.RouterSpec], served: list[str], config_of: Callab
                 raise UserError(f"two routers answer to {name!r}; give one another `name:`", param="router")
             virtual[name] = f"router {spec.path}"
         if spec.type == "learned" and config_of is not None:
-            clf, _ = Classifier.load(f"{spec.path}/{rc.CLASSIFIER_FILE}")
-            cfg = config_of(spec.models[0])
-            want = 2 * cfg.hidden_size
-            if clf.weight.shape[0] != want or (clf.layers or 0) > cfg.num_layers:
-                raise UserError(f"router {spec.path} was trained on a small model with {clf.weight.shape[0] // 2}-wide "
-                                f"hidden states (read after {clf.layers or 'all'} blocks), but {spec.models[0]} has "
-                                f"{want // 2}-wide ones and {cfg.num_layers} blocks: a router file for other models; "
-                                "retrain it with `cairn router train`", param="router")
+            classifiers[spec.path] = load_for(spec.path, spec.models[0], config_of(spec.models[0]))
     names.check(served, virtual)
+    return classifiers
 
 
 def build(specs: list[rc.RouterSpec], models: dict[str, LLM]) -> dict[str, Route]:
     """name -> Route for every name the routers answer to, checked against the loaded models."""
-    check_specs(specs, list(models), lambda n: models[n].model_config)
-    routes = {}
-    for spec in specs:
-        clf = Classifier.load(f"{spec.path}/{rc.CLASSIFIER_FILE}")[0] if spec.type == "learned" else None
-        for name in spec.names():
-            routes[name] = Route(spec, clf)
-    return routes
+    classifiers = check_specs(specs, list(models), lambda n: models[n].model_config)
+    return {name: Route(spec, classifiers.get(spec.path)) for spec in specs for name in spec.names()}
 
 
 class Replay:
@@ -122,9 +114,10 @@ def _record(info: RequestInfo, model: str, handles, events: list[list[Event]], s
 
 async def dispatch(route: Route, requested: str, models: dict[str, LLM],
                    prepare: Callable[[LLM], tuple[list[list[int]], str]], params: SamplingParams, n: int,
-                   seed: int | None, submit: Callable, info: RequestInfo) -> tuple[str, LLM, list]:
-    """The answering model's name, its LLM and the handles its response is built from. `prepare(llm)` gives the
-    prompts' token ids for that model and the prompt's text; `submit(llm, ids, params, n, seed)` queues them."""
+                   seed: int | None, submit: Callable, info: RequestInfo) -> tuple[str, LLM, list[list[int]], list]:
+    """The answering model's name, its LLM, the prompts' token ids for it and the handles its response is built
+    from. `prepare(llm)` gives the prompts' token ids for that model and the prompt's text; `submit(llm, ids,
+    params, n, seed)` queues them."""
     spec = route.spec
     info.router = spec.name
     t0 = time.perf_counter()
@@ -143,7 +136,7 @@ async def dispatch(route: Route, requested: str, models: dict[str, LLM],
         if name != spec.models[0]:
             ids, _ = await asyncio.to_thread(prepare, llm)
         info.answer_started = time.perf_counter()
-        return name, llm, submit(llm, ids, params, n, seed)
+        return name, llm, ids, submit(llm, ids, params, n, seed)
     info.route_seconds = 0.0
     forced = replace(params, logprobs=max(params.logprobs or 0, spec.top_logprobs))
     for name in spec.models[:-1]:
@@ -158,13 +151,13 @@ async def dispatch(route: Route, requested: str, models: dict[str, LLM],
         info.route_seconds += time.perf_counter() - c0
         if rc.cascade_accepts(spec, least):
             info.answer_started = started  # its tokens and seconds are counted as the answer's
-            return name, llm, [Replay(h, evs, params.logprobs) for h, evs in zip(handles, events)]
+            return name, llm, ids, [Replay(h, evs, params.logprobs) for h, evs in zip(handles, events)]
         _record(info, name, handles, events, time.perf_counter() - started)
     name = spec.models[-1]
     llm = models[name]
     ids, _ = await asyncio.to_thread(prepare, llm)
     info.answer_started = time.perf_counter()
-    return name, llm, submit(llm, ids, params, n, seed)
+    return name, llm, ids, submit(llm, ids, params, n, seed)
 
 
 def _text(evs: list[Event]) -> str:
