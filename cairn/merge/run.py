@@ -9,7 +9,6 @@ import functools
 import hashlib
 import json
 import secrets
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from cairn.merge.inputs import Reader
 from cairn.merge.plan import MergePlan, TensorPlan, plan_merge
 from cairn.merge.recipe import Recipe, load_recipe
 from cairn.merge.vocab import COPIED_FILES, align_rows
-from cairn.models.checkpoint import INDEX_FILE, SINGLE_FILE
+from cairn.models.checkpoint import INDEX_FILE, SINGLE_FILE, copy_side_files
 
 METADATA_KEY = "cairn_merge"
 """The safetensors metadata key holding {"method", "recipe" (YAML text), "seed"}."""
@@ -92,7 +91,7 @@ def merge(recipe: Recipe | str | Path, out_dir: str | Path, seed: int | None = N
             "weight_map": {tp.name: name for name, shard in zip(names, shards) for tp in shard},
         })
     atomic_write_json(out_dir / "config.json", dict(plan.config))
-    _copy_tokenizer(plan.tokenizer_dir, out_dir)
+    copy_side_files(plan.tokenizer_dir, out_dir, COPIED_FILES)
     return MergeResult(out_dir, recipe.merge_method, len(plan.tensors), int(plan.config["num_hidden_layers"]),
                        len(shards), kept, seed, time.perf_counter() - start)
 
@@ -189,9 +188,3 @@ def _remove_stale(out_dir: Path, names: list[str]) -> None:
     for p in stale:
         if p.name not in names:
             p.unlink(missing_ok=True)
-
-
-def _copy_tokenizer(src: Path, dst: Path) -> None:
-    for name in COPIED_FILES:
-        if (src / name).is_file():
-            atomic_write(dst / name, lambda tmp, name=name: shutil.copyfile(src / name, tmp))

@@ -236,12 +236,12 @@ SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.jso
               "chat_template.jinja")
 
 
-def copy_side_files(src: str | Path, dst: str | Path) -> None:
-    """Copy the tokenizer and generation files that travel with a checkpoint's weights."""
+def copy_side_files(src: str | Path, dst: str | Path, names: tuple[str, ...] = SIDE_FILES) -> None:
+    """Copy the tokenizer and generation files that travel with a checkpoint's weights (`names`, those present)."""
     src, dst = Path(src), Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     if src.resolve() == dst.resolve():
         return
-    for name in SIDE_FILES:
+    for name in names:
         if (src / name).is_file():
             atomic_write(dst / name, lambda tmp, name=name: shutil.copyfile(src / name, tmp))
